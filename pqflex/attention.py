@@ -1,0 +1,61 @@
+"""retrieval_attention: PQCache attention as one stateless function, the reference semantics of pqflex."""
+
+from __future__ import annotations
+
+import torch
+
+from pqflex.config import PQConfig
+from pqflex.index import PQIndex
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: PQConfig) -> None:
+    """Raise ``TypeError``/``ValueError`` unless the tensors are SDPA-style ``[B, H, S, D]`` / ``[B, Hkv, N, D]``."""
+    if not isinstance(config, PQConfig):
+        raise TypeError(f"config must be a pqflex.PQConfig, got {type(config).__name__}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} dtype {t.dtype} is not supported; allowed: {_FLOAT_DTYPES}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
+    B, H, S, D = query.shape
+    if key.shape != value.shape:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} shapes differ")
+    Bk, Hkv, N, Dk = key.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"key [B, Hkv, N, D] = {tuple(key.shape)} does not match query [B, H, S, D] = "
+                         f"{tuple(query.shape)} in B or D")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
+    if not 1 <= S <= N:
+        raise ValueError(f"query length S={S} must be in [1, N={N}] (queries are the last S cached positions)")
+    if D % config.M != 0:
+        raise ValueError(f"head dim D={D} is not divisible by PQConfig.M={config.M}")
+
+
+def retrieval_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: PQConfig, *,
+                        kv_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """PQCache retrieval attention, like ``F.scaled_dot_product_attention(..., is_causal)`` for the last queries.
+
+    Builds the PQ index of the middle keys (per sequence and KV head), scores the middle tokens by ADC with the
+    GQA aggregation of PQCache, keeps the top-k per KV head and attends exactly over sink + selected + recent.
+    Query ``i`` sits at position ``N - S + i``. With a budget covering the context this is dense causal attention.
+
+    Args:
+        query: ``[B, H, S, D]`` post-RoPE queries.
+        key, value: ``[B, Hkv, N, D]``, not repeated for GQA.
+        config: PQ settings.
+        kv_mask: ``[B, N]`` bool left-padding mask, True for real tokens; padded tokens are never attended.
+        scale: softmax scale; default ``D ** -0.5``.
+
+    Returns:
+        ``[B, H, S, D]`` in the query dtype.
+    """
+    check_attention_inputs(query, key, value, config)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return PQIndex.build(key, config, kv_mask).attend(query, key, value, scale)

@@ -1,0 +1,136 @@
+"""PQConfig: every knob of pqflex in one frozen, validated dataclass.
+
+The budget is the number of tokens each query attends per KV head: ``sink_size`` first tokens, the
+``recent_size`` latest tokens and the ``topk`` middle tokens chosen by PQ scores. A ratio budget is turned into
+tokens in exactly one place, :meth:`PQConfig.resolve_budget`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, NamedTuple
+
+# Recent-window size that marks a sequence as attended densely: larger than any context.
+DENSE_WINDOW = 1 << 40
+
+KMEANS_DEVICES = ("auto", "cpu")
+
+
+class Budget(NamedTuple):
+    """Token budget of one sequence, per KV head and query.
+
+    ``dense`` sequences attend every token: their ``recent_size`` is :data:`DENSE_WINDOW` and ``topk`` is 0.
+    """
+
+    sink_size: int
+    recent_size: int
+    topk: int
+    dense: bool
+
+    @property
+    def total(self) -> int:
+        return self.sink_size + self.recent_size + self.topk
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"PQConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"PQConfig.{name}={value} is out of range; allowed: {allowed}")
+
+
+def _check_float(name: str, value: object, low: float, high: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"PQConfig.{name} must be a finite number, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"PQConfig.{name}={value} is out of range; allowed: {bracket}{low}, {high}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PQConfig:
+    """Settings of PQCache retrieval attention.
+
+    Args:
+        M: sub-quantizers per key; the head dim ``D`` must be divisible by ``M`` (``dsub = D // M``).
+        nbits: bits per code, 1..8; each sub-space has ``ksub = 2**nbits`` centroids.
+        sink_size: first tokens of each sequence that are always attended.
+        budget: tokens attended per KV head and query. An ``int`` is a token count; a ``float`` in (0, 1] is a
+            fraction of the context length at index-build time (prefill). ``1.0`` means dense attention.
+        recent_ratio: share of ``budget - sink_size`` given to the recent window; the rest goes to top-k.
+            ``1.0`` gives sink + recent only (StreamingLLM); the recent window always holds at least 1 token.
+        min_context: contexts shorter than this are attended densely.
+        niter: Lloyd iterations of k-means.
+        seed: seed of the k-means initialization.
+        tol: stop k-means early when the mean squared centroid shift falls below ``tol`` times the data variance;
+            ``0.0`` runs exactly ``niter`` iterations with no host synchronization.
+        kmeans_device: ``"auto"`` trains where the keys are; ``"cpu"`` trains on the CPU.
+    """
+
+    M: int = 2
+    nbits: int = 6
+    sink_size: int = 32
+    budget: float | int = 0.1
+    recent_ratio: float = 0.5
+    min_context: int = 1024
+    niter: int = 20
+    seed: int = 0
+    tol: float = 0.0
+    kmeans_device: Literal["auto", "cpu"] = "auto"
+
+    def __post_init__(self) -> None:
+        _check_int("M", self.M, 1)
+        _check_int("nbits", self.nbits, 1, 8)
+        _check_int("sink_size", self.sink_size, 0)
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise ValueError(f"PQConfig.budget must be an int (tokens) or a float in (0, 1], got {self.budget!r}")
+        if isinstance(self.budget, int):
+            _check_int("budget", self.budget, 1)
+        else:
+            _check_float("budget", self.budget, 0.0, 1.0, low_open=True)
+        _check_float("recent_ratio", self.recent_ratio, 0.0, 1.0)
+        _check_int("min_context", self.min_context, 0)
+        _check_int("niter", self.niter, 1)
+        _check_int("seed", self.seed, 0)
+        _check_float("tol", self.tol, 0.0, math.inf)
+        if self.kmeans_device not in KMEANS_DEVICES:
+            raise ValueError(f"PQConfig.kmeans_device={self.kmeans_device!r}; allowed: {KMEANS_DEVICES}")
+        # The budget must leave room for sink + 1 recent + 1 top-k token at the shortest sparse context.
+        smallest = self.budget if isinstance(self.budget, int) else int(self.budget * self.min_context)
+        dense_only = isinstance(self.budget, float) and self.budget == 1.0
+        if not dense_only and smallest < self.sink_size + 2:
+            where = "" if isinstance(self.budget, int) else f" at min_context={self.min_context}"
+            raise ValueError(
+                f"PQConfig.budget={self.budget} gives {smallest} tokens{where}, fewer than "
+                f"sink_size + 2 = {self.sink_size + 2}; raise budget or min_context, or lower sink_size"
+            )
+
+    @property
+    def ksub(self) -> int:
+        return 1 << self.nbits
+
+    def replace(self, **changes: object) -> PQConfig:
+        """A copy with ``changes`` applied and validated (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def resolve_budget(self, n_ctx: int) -> Budget:
+        """The token budget of a sequence whose context at index-build time has ``n_ctx`` tokens.
+
+        The one place where a ratio budget becomes tokens. Dense when the context is below ``min_context`` or the
+        budget covers it; otherwise ``sink_size + recent_size + topk == budget`` tokens, ``recent_size >= 1``.
+        """
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
+            raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
+        total = self.budget if isinstance(self.budget, int) else int(self.budget * n_ctx)
+        if n_ctx < self.min_context or total >= n_ctx:
+            return Budget(self.sink_size, DENSE_WINDOW, 0, True)
+        if total < self.sink_size + 2:
+            raise ValueError(
+                f"PQConfig.budget={self.budget} gives {total} tokens for a context of {n_ctx}, fewer than "
+                f"sink_size + 2 = {self.sink_size + 2}; allowed: a budget of at least {self.sink_size + 2} tokens"
+            )
+        rest = total - self.sink_size
+        recent = min(rest, max(1, int(rest * self.recent_ratio)))
+        return Budget(self.sink_size, recent, rest - recent, False)

@@ -1,0 +1,121 @@
+"""PQIndex: the PQ state of one attention layer, and the token selection it plans for each query.
+
+Per sequence and KV head it holds the centroids trained on the middle keys at build time (prefill) and the codes
+of every cached token; per sequence it holds the first valid position (left padding) and the token budget.
+Generated tokens are encoded with the existing centroids as they arrive, so the middle region never holds an
+un-indexed token.
+
+Query ``i`` of a step with ``S`` queries over ``N`` cached tokens sits at position ``p = N - S + i`` and behaves
+exactly like a single decode step at context ``p + 1``: it attends the sink ``[start, start + sink_size)``, the
+recent window ``(p - recent_size, p]`` and the ``topk`` middle tokens with the best PQ scores in between.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pqflex.config import PQConfig
+from pqflex.ops import reference
+from pqflex.quantizer import ProductQuantizer
+
+
+def left_padding_start(kv_mask: torch.Tensor | None, B: int, N: int, device: torch.device) -> torch.Tensor:
+    """First valid position of each sequence, ``[B]`` int64, from a left-padding mask ``[B, N]`` (True = token).
+
+    Raises ``ValueError`` unless every row is some ``False`` followed by at least one ``True``.
+    """
+    if kv_mask is None:
+        return torch.zeros(B, dtype=torch.long, device=device)
+    if kv_mask.dtype != torch.bool or kv_mask.shape != (B, N):
+        raise ValueError(f"kv_mask must be bool of shape {(B, N)}, got {kv_mask.dtype} {tuple(kv_mask.shape)}")
+    start = N - kv_mask.sum(-1)  # [B]
+    expected = torch.arange(N, device=kv_mask.device)[None, :] >= start[:, None]
+    if not torch.equal(expected, kv_mask) or bool((start >= N).any()):
+        raise ValueError("kv_mask must be left padding: each row False...False then at least one True")
+    return start.to(device)
+
+
+class PQIndex:
+    """PQ index of one layer over ``[B, Hkv, N, D]`` keys.
+
+    Attributes:
+        config: the :class:`PQConfig` it was built with.
+        quantizer: trained :class:`ProductQuantizer`, centroids ``[B, Hkv, M, ksub, dsub]``.
+        codes: ``[B, Hkv, N, M]`` uint8, one row per cached token (sink, recent and padding rows are unused).
+        start: ``[B]`` first valid position; ``sink``, ``recent``, ``topk``: ``[B]`` per-sequence budgets.
+        k_max: the largest ``topk`` of the batch, the static width of a selection.
+    """
+
+    def __init__(self, config: PQConfig, quantizer: ProductQuantizer, codes: torch.Tensor, start: torch.Tensor,
+                 sink: torch.Tensor, recent: torch.Tensor, topk: torch.Tensor, k_max: int) -> None:
+        self.config, self.quantizer, self.codes = config, quantizer, codes
+        self.start, self.sink, self.recent, self.topk, self.k_max = start, sink, recent, topk, k_max
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    @classmethod
+    def build(cls, key: torch.Tensor, config: PQConfig, kv_mask: torch.Tensor | None = None) -> PQIndex:
+        """Train on the middle keys of each sequence and encode all keys.
+
+        Args:
+            key: ``[B, Hkv, N, D]`` post-RoPE keys.
+            config: settings; the budget is resolved on each sequence's valid length.
+            kv_mask: ``[B, N]`` bool left-padding mask, True for real tokens; None means no padding.
+        """
+        B, Hkv, N, D = key.shape
+        start = left_padding_start(kv_mask, B, N, key.device)
+        budgets = [config.resolve_budget(n) for n in (N - start).tolist()]
+        sink, recent, topk = (torch.tensor(col, dtype=torch.long, device=key.device) for col in
+                              list(zip(*budgets))[:3])
+        pos = torch.arange(N, device=key.device)
+        middle = (pos >= (start + sink)[:, None]) & (pos < N - recent[:, None])  # [B, N]
+
+        pq = ProductQuantizer(D, config.M, config.nbits)
+        train_keys = key.cpu() if config.kmeans_device == "cpu" else key
+        pq.train(train_keys, middle[:, None, :].expand(B, Hkv, N).to(train_keys.device), niter=config.niter,
+                 seed=config.seed, tol=config.tol)
+        pq.centroids = pq.centroids.to(key.device)
+        return cls(config, pq, pq.encode(key), start, sink, recent, topk, max(b.topk for b in budgets))
+
+    def append(self, key: torch.Tensor) -> None:
+        """Encode new keys ``[B, Hkv, S, D]`` with the existing centroids; they become cached tokens."""
+        if key.shape[:2] != self.codes.shape[:2] or key.dim() != 4:
+            raise ValueError(f"new keys must be [B, Hkv, S, D] with B, Hkv = {tuple(self.codes.shape[:2])}, "
+                             f"got {tuple(key.shape)}")
+        self.codes = torch.cat([self.codes, self.quantizer.encode(key)], dim=-2)
+
+    def plan(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Which cached tokens each query attends, per KV head.
+
+        Args:
+            query: ``[B, H, S, D]``, the last ``S`` of the ``N`` cached positions.
+            scale: softmax scale of the scores used for the GQA aggregation.
+
+        Returns:
+            ``attend [B, Hkv, S, N]`` bool: sink + recent + selected middle tokens, causal and padding-free.
+        """
+        B, H, S, D = query.shape
+        Hkv, N = self.codes.shape[1], self.num_tokens
+        G = H // Hkv
+        pos = torch.arange(N, device=query.device)
+        qpos = torch.arange(N - S, N, device=query.device)[:, None]  # [S, 1]
+        start = self.start[:, None, None]  # [B, 1, 1]
+        valid = (pos >= start) & (pos <= qpos)  # [B, S, N]
+        sink = valid & (pos < start + self.sink[:, None, None])
+        recent = valid & (pos > qpos - self.recent[:, None, None])
+        candidates = valid & ~sink & ~recent  # [B, S, N]
+
+        q = query.reshape(B, Hkv, G * S, D)  # [B, Hkv, G * S, D]
+        ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G * S, M, ksub]
+        scores = reference.adc_scores(ip_table, self.codes).view(B, Hkv, G, S, N) * scale
+        agg = reference.gqa_scores(scores, candidates)  # [B, Hkv, S, N]
+        indices, ok = reference.select_topk(agg, self.topk, self.k_max)  # [B, Hkv, S, k_max]
+        selected = torch.zeros(B, Hkv, S, N, dtype=torch.int32, device=query.device)
+        selected = selected.scatter_add_(-1, indices, ok.int()) > 0
+        return (sink | recent)[:, None] | selected
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        """Exact attention ``[B, H, S, D]`` over the planned tokens of ``key``/``value`` ``[B, Hkv, N, D]``."""
+        return reference.masked_attention(query, key, value, self.plan(query, scale), scale)

@@ -1,0 +1,1 @@
+"""Glue with other libraries (transformers, lm-eval); no math lives here."""

@@ -1,0 +1,1 @@
+"""Math on tensors: a plain-torch reference for every op (``reference``); fast kernels register beside it."""

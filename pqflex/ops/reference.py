@@ -1,0 +1,191 @@
+"""Plain-torch reference of every pqflex op: the ground truth that the fast kernels are tested against.
+
+Shapes use the house letters: ``L`` independent problems (flattened leading dims), ``N`` points or cached
+tokens, ``R`` query rows, ``M`` sub-quantizers, ``ksub`` centroids per sub-space, ``dsub`` sub-vector dims,
+``B`` batch, ``Hkv`` KV heads, ``G`` query heads per KV head, ``S`` query length. Everything accumulates in fp32,
+runs on any device and keeps no state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
+           tol: float = 0.0) -> torch.Tensor:
+    """Batched Lloyd k-means with a seeded, batch-independent initialization and no dead clusters.
+
+    Initialization is stratified sampling: centroid ``j`` starts at the valid point of rank
+    ``floor((j + r_j) / ksub * n_valid)`` with ``r_j ~ U[0, 1)`` drawn from ``seed``. The draw is shared by all
+    rows, so a row's result depends only on its own points (a padded batch equals its rows run one by one).
+    A cluster left empty by an update is re-seeded at the valid points farthest from their centroid.
+
+    Args:
+        x: points ``[L, N, dsub]``.
+        mask: ``[L, N]`` bool, True for points that take part; None means all.
+        ksub: number of centroids.
+        niter: Lloyd iterations.
+        seed: initialization seed.
+        tol: stop when the mean squared centroid shift is below ``tol`` times the data variance (host sync per
+            iteration); 0 runs exactly ``niter`` iterations.
+
+    Returns:
+        centroids ``[L, ksub, dsub]`` fp32.
+    """
+    L, N, dsub = x.shape
+    xf = x.float()
+    w = torch.ones(L, N, device=x.device) if mask is None else mask.to(torch.float32)
+    n_valid = w.sum(-1)  # [L]
+
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.rand(ksub, generator=gen, dtype=torch.float64).to(x.device)
+    frac = (torch.arange(ksub, device=x.device, dtype=torch.float64) + r) / ksub  # [ksub] in [0, 1)
+    rank = (frac[None, :] * n_valid[:, None].double()).floor().long()  # [L, ksub]
+    rank = torch.minimum(rank, (n_valid.long() - 1).clamp_min(0)[:, None])
+    pos = torch.searchsorted(w.cumsum(-1).contiguous(), (rank + 1).float())  # index of the rank-th valid point
+    centroids = torch.gather(xf, 1, pos.clamp_max(N - 1)[..., None].expand(L, ksub, dsub))  # [L, ksub, dsub]
+
+    x_sq = xf.pow(2).sum(-1)  # [L, N]
+    kk = min(ksub, N)
+    variance = None
+    for _ in range(niter):
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; argmin needs only the last two terms.
+        partial = torch.baddbmm(centroids.pow(2).sum(-1)[:, None, :], xf, centroids.transpose(1, 2), alpha=-2)
+        assign = partial.argmin(-1)  # [L, N]
+        onehot = F.one_hot(assign, ksub).float() * w[..., None]  # [L, N, ksub]
+        counts = onehot.sum(1)  # [L, ksub]
+        new = (onehot.transpose(1, 2) @ xf) / counts.clamp_min(1)[..., None]  # [L, ksub, dsub]
+
+        empty = counts == 0
+        dist = (partial.gather(-1, assign[..., None]).squeeze(-1) + x_sq).masked_fill(w == 0, -1.0)  # [L, N]
+        far = dist.topk(kk, dim=-1).indices  # [L, kk]
+        slot = (empty.long().cumsum(-1) - 1).clamp(0, kk - 1)  # r-th empty cluster takes the r-th farthest point
+        far_pts = torch.gather(xf, 1, far.gather(1, slot)[..., None].expand(L, ksub, dsub))
+        new = torch.where(empty[..., None], far_pts, new)
+
+        if tol > 0:
+            if variance is None:
+                mean = (xf * w[..., None]).sum(1, keepdim=True) / n_valid.clamp_min(1)[:, None, None]
+                variance = (((xf - mean) ** 2).sum(-1) * w).sum() / w.sum().clamp_min(1)
+            shift = (new - centroids).pow(2).sum(-1).mean()
+            centroids = new
+            if shift <= tol * variance:
+                break
+        else:
+            centroids = new
+    return centroids
+
+
+def encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest-centroid code of every point.
+
+    Args:
+        x: ``[L, N, dsub]``.
+        centroids: ``[L, ksub, dsub]``.
+
+    Returns:
+        ``[L, N]`` int64 codes (ties go to the lowest index).
+    """
+    c = centroids.float()
+    partial = torch.baddbmm(c.pow(2).sum(-1)[:, None, :], x.float(), c.transpose(1, 2), alpha=-2)  # [L, N, ksub]
+    return partial.argmin(-1)
+
+
+def compute_ip_table(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Inner products of each query sub-vector with the centroids of its sub-space.
+
+    Args:
+        query: ``[..., R, M * dsub]``.
+        centroids: ``[..., M, ksub, dsub]`` (same leading dims).
+
+    Returns:
+        ``ip_table [..., R, M, ksub]`` fp32 with ``ip_table[..., r, m, c] = q[r, m] . centroids[m, c]``.
+    """
+    M, _, dsub = centroids.shape[-3:]
+    q = query.float().unflatten(-1, (M, dsub))  # [..., R, M, dsub]
+    return torch.einsum("...rmd,...mkd->...rmk", q, centroids.float())
+
+
+def adc_scores(ip_table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Asymmetric distance computation: approximate ``q . k`` of every coded key.
+
+    Args:
+        ip_table: ``[..., R, M, ksub]``.
+        codes: ``[..., N, M]`` uint8 (same leading dims).
+
+    Returns:
+        ``adc_scores [..., R, N]`` fp32, ``sum_m ip_table[..., r, m, codes[..., n, m]]``.
+    """
+    R, M, _ = ip_table.shape[-3:]
+    N = codes.shape[-2]
+    table = ip_table.transpose(-3, -2)  # [..., M, R, ksub]
+    idx = codes.long().transpose(-1, -2).unsqueeze(-2)  # [..., M, 1, N]
+    idx = idx.expand(*idx.shape[:-2], R, N)  # [..., M, R, N]
+    return torch.gather(table, -1, idx).sum(-3)
+
+
+def gqa_scores(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Aggregate the scaled scores of the ``G`` query heads of each KV head into one score per token.
+
+    PQCache's rule: a softmax over the candidate tokens per query head, summed over the group.
+
+    Args:
+        scores: ``[B, Hkv, G, S, N]`` scaled approximate logits.
+        candidates: ``[B, S, N]`` bool, the tokens each query may select.
+
+    Returns:
+        ``[B, Hkv, S, N]`` fp32 in ``[0, G]`` for candidates, ``-1`` elsewhere.
+    """
+    cand = candidates[:, None, None]  # [B, 1, 1, S, N]
+    probs = torch.softmax(scores.float().masked_fill(~cand, -math.inf), dim=-1).nan_to_num(0.0)
+    return probs.sum(2).masked_fill(~candidates[:, None], -1.0)
+
+
+def select_topk(scores: torch.Tensor, topk: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``topk[b]`` candidates of each sequence, KV head and query; ties go to the later token.
+
+    Args:
+        scores: ``[B, Hkv, S, N]`` from :func:`gqa_scores` (non-candidates are negative).
+        topk: ``[B]`` int64, tokens to keep per sequence, at most ``k_max``.
+        k_max: static width of the result.
+
+    Returns:
+        ``indices [B, Hkv, S, k_max]`` int64 and ``valid`` bool of the same shape: rank below ``topk[b]`` and a
+        real candidate.
+    """
+    B, _, _, N = scores.shape
+    k = min(k_max, N)
+    # Equal scores are common (tokens with equal codes): break ties toward the later token, so the selection
+    # depends on positions relative to each other only (a padded row selects what it selects alone).
+    values, order = scores.flip(-1).sort(dim=-1, descending=True, stable=True)
+    values, indices = values[..., :k], N - 1 - order[..., :k]
+    ranks = torch.arange(k, device=scores.device)
+    valid = (ranks < topk.view(B, 1, 1, 1)) & (values >= 0)
+    if k < k_max:
+        pad = (0, k_max - k)
+        indices, valid = F.pad(indices, pad), F.pad(valid, pad)
+    return indices, valid
+
+
+def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attend: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Exact attention of each query over the tokens ``attend`` marks, per KV head.
+
+    Args:
+        query: ``[B, H, S, D]``.
+        key, value: ``[B, Hkv, N, D]``.
+        attend: ``[B, Hkv, S, N]`` bool.
+        scale: softmax scale.
+
+    Returns:
+        ``[B, H, S, D]`` in the query dtype; rows that attend nothing are zero.
+    """
+    G = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(G, dim=1)  # [B, H, N, D]
+    v = value.repeat_interleave(G, dim=1)
+    mask = attend.repeat_interleave(G, dim=1)  # [B, H, S, N]
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
+    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))

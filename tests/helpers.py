@@ -1,0 +1,35 @@
+"""Shared test helpers: the float tolerance rule and synthetic attention data."""
+
+import torch
+import torch.nn.functional as F
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_close_rule(out: torch.Tensor, ref_lp: torch.Tensor, ref32: torch.Tensor, atol_floor: float = 1e-5):
+    """flash-attention's rule: ``err(out, ref32) <= 2 * err(ref_lp, ref32) + atol_floor``."""
+    e_out, e_lp = err(out, ref32), err(ref_lp, ref32)
+    assert e_out <= 2 * e_lp + atol_floor, f"err {e_out:.3g} > 2 * {e_lp:.3g} + {atol_floor:g}"
+
+
+def dense_causal(query, key, value, kv_mask=None, scale=None):
+    """SDPA of the last S positions over N cached tokens, GQA by repetition, padding masked."""
+    B, H, S, D = query.shape
+    N = key.shape[-2]
+    G = H // key.shape[1]
+    qpos = torch.arange(N - S, N)[:, None]
+    mask = (torch.arange(N)[None, :] <= qpos)[None, None]  # [1, 1, S, N]
+    if kv_mask is not None:
+        mask = mask & kv_mask[:, None, None, :]
+    k, v = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
+
+
+def clustered_keys(B, Hkv, N, D, n_clusters=32, spread=0.35, generator=None):
+    """Keys drawn from a Gaussian mixture, as attention keys cluster in practice. ``[B, Hkv, N, D]``."""
+    centers = torch.randn(B, Hkv, n_clusters, D, generator=generator)
+    assign = torch.randint(n_clusters, (B, Hkv, N), generator=generator)
+    base = torch.gather(centers, 2, assign[..., None].expand(B, Hkv, N, D))
+    return base + spread * torch.randn(B, Hkv, N, D, generator=generator)
