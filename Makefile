@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean
+# The oldest transformers we support (the GPU machine's); `make test-compat` reruns the integration tests on it.
+COMPAT_VENV ?= .venv-compat
+COMPAT_TRANSFORMERS ?= transformers==5.17.0
+
+.PHONY: setup test test-compat demo clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +26,15 @@ test: setup
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
+test-compat:
+	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[dev]" "$(COMPAT_TRANSFORMERS)"
+	$(COMPAT_VENV)/bin/python -m pytest -q tests/test_transformers.py
+
 demo: setup
 	$(VENV)/bin/pqflex demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache

@@ -1,9 +1,14 @@
-"""pqflex: PQCache retrieval attention for PyTorch 2 and transformers."""
+"""pqflex: PQCache retrieval attention for PyTorch 2 and transformers.
+
+Importing pqflex registers the ``"pqcache"`` attention implementation with transformers.
+"""
 
 from pqflex.attention import retrieval_attention
 from pqflex.config import Budget, PQConfig
 from pqflex.index import PQIndex
+from pqflex.integrations.transformers import PQCache, configure, get_config
 from pqflex.quantizer import ProductQuantizer
 
-__all__ = ["Budget", "PQConfig", "PQIndex", "ProductQuantizer", "retrieval_attention"]
+__all__ = ["Budget", "PQCache", "PQConfig", "PQIndex", "ProductQuantizer", "configure", "get_config",
+           "retrieval_attention"]
 __version__ = "0.1.0"

@@ -1,0 +1,233 @@
+"""transformers glue: the ``"pqcache"`` attention implementation and :class:`PQCache`.
+
+Importing pqflex registers ``"pqcache"`` in transformers' attention and mask registries, so
+``from_pretrained(..., attn_implementation="pqcache")`` and ``model.set_attn_implementation("pqcache")`` work.
+The attention function is an adapter: the first forward of a sequence (no past tokens) is a dense prefill that
+builds the layer's :class:`pqflex.PQIndex`; every later forward encodes its new keys and runs PQ retrieval attention.
+
+Where the per-layer PQ state lives:
+
+- with a :class:`PQCache` passed to ``generate``, the cache owns it (one :class:`PQLayerState` per layer) and binds
+  each layer's state to its attention module on ``update``, through weak references;
+- with transformers' own cache (plain ``generate()``, lm-eval), each attention module keeps one state for the
+  batch in flight, rebuilt at every prefill.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+import transformers
+from packaging.version import Version
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from pqflex.config import PQConfig
+from pqflex.index import PQIndex
+
+ATTN_IMPLEMENTATION = "pqcache"
+# The keyword that passes a cache to ``generate``: ``cache`` from transformers 5.24, ``past_key_values`` before.
+CACHE_KWARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+_CONFIG_ATTR = "_pqflex_config"  # PQConfig set by configure() on attention modules
+_STATE_ATTR = "_pqflex_state"  # the module's own PQLayerState (transformers' caches)
+_BOUND_ATTR = "_pqflex_bound"  # weakref to the PQLayerState a PQCache bound for the current forward
+
+# Keyword arguments that ask the attention function for something pqflex does not implement.
+_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
+_UNSUPPORTED_CONFIG = {
+    "is_encoder_decoder": "encoder-decoder models",
+    "kv_lora_rank": "multi-head latent attention (MLA)",
+    "attn_logit_softcapping": "attention logit soft-capping",
+}
+
+
+class PQLayerState:
+    """The PQ state of one attention layer for the batch of sequences in flight.
+
+    Attributes:
+        config: the settings of a :class:`PQCache`'s layers; None uses the module's (see :func:`configure`).
+        index: the layer's :class:`PQIndex`, built at prefill; None before.
+        bound_key: weak reference to the key tensor the owning :class:`PQCache` returned for this forward.
+    """
+
+    def __init__(self, config: PQConfig | None = None) -> None:
+        self.config = config
+        self.index: PQIndex | None = None
+        self.bound_key: weakref.ref | None = None
+
+    def reset(self) -> None:
+        self.index, self.bound_key = None, None
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    modules = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
+               and hasattr(m, "num_key_value_groups")]
+    if not modules:
+        raise NotImplementedError(
+            f"{type(model).__name__} has no transformers attention layers (modules with layer_idx and "
+            "num_key_value_groups); pqcache supports decoder models with standard (GQA) attention"
+        )
+    return modules
+
+
+def check_supported(module: nn.Module, attention_kwargs: dict[str, Any] | None = None) -> None:
+    """Raise ``NotImplementedError`` naming the class if pqcache cannot serve this attention layer correctly."""
+    name = type(module).__name__
+    config = getattr(module, "config", None)
+    for attr, what in _UNSUPPORTED_CONFIG.items():
+        if getattr(config, attr, None):
+            raise NotImplementedError(f"pqcache does not support {what} ({name}, config.{attr})")
+    if getattr(module, "is_causal", True) is False:
+        raise NotImplementedError(f"pqcache supports causal self-attention only; {name} is not causal")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        raise NotImplementedError(
+            f"pqcache supports full-attention layers only; {name} has layer types {sorted(set(layer_types))}"
+        )
+    # Without layer types (Mistral), a configured window means every layer slides.
+    window = getattr(config, "sliding_window", None)
+    if layer_types is None and window is not None:
+        raise NotImplementedError(f"pqcache does not support attention with sliding_window={window!r} ({name})")
+    for key in _UNSUPPORTED_KWARGS:
+        if (attention_kwargs or {}).get(key) is not None:
+            raise NotImplementedError(
+                f"pqcache does not support attention with {key}={attention_kwargs[key]!r} ({name})"
+            )
+
+
+def configure(model: nn.Module, config: PQConfig | None = None) -> nn.Module:
+    """Make ``model`` use pqcache attention with ``config`` (default: ``PQConfig()``); returns the model.
+
+    Checks that the model is supported, switches its attention implementation to ``"pqcache"`` if it uses another
+    one, sets the config on every attention layer and drops any PQ state of an earlier sequence.
+    """
+    config = PQConfig() if config is None else config
+    if not isinstance(config, PQConfig):
+        raise TypeError(f"config must be a pqflex.PQConfig, got {type(config).__name__}")
+    modules = _attention_modules(model)
+    for module in modules:
+        check_supported(module)
+    if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    for module in modules:
+        setattr(module, _CONFIG_ATTR, config)
+        setattr(module, _STATE_ATTR, PQLayerState())
+    return model
+
+
+def get_config(model: nn.Module) -> PQConfig:
+    """The :class:`PQConfig` the model's attention layers use."""
+    return getattr(_attention_modules(model)[0], _CONFIG_ATTR, None) or PQConfig()
+
+
+def _layer_state(module: nn.Module, key: torch.Tensor) -> PQLayerState:
+    bound = getattr(module, _BOUND_ATTR, None)
+    state = bound() if bound is not None else None
+    if state is not None and state.bound_key is not None and state.bound_key() is key:
+        return state
+    own = getattr(module, _STATE_ATTR, None)
+    if own is None:
+        own = PQLayerState()
+        setattr(module, _STATE_ATTR, own)
+    return own
+
+
+def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``[B, N]`` bool of real tokens from transformers' 4-D mask (the last query sees every valid token)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 4:
+        raise ValueError(f"pqcache expects a 4-D attention mask, got shape {tuple(attention_mask.shape)}")
+    last = attention_mask[:, 0, -1, :]  # [B, N]
+    return last if last.dtype == torch.bool else last == 0
+
+
+def pqcache_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, scaling: float | None = None,
+                              dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: dense prefill that builds the index, PQ retrieval attention after.
+
+    Args:
+        module: the attention layer (gives ``layer_idx``, ``config`` and the PQ state).
+        query: ``[B, H, S, D]`` post-RoPE.
+        key, value: ``[B, Hkv, N, D]``, all cached tokens including the ``S`` new ones.
+        attention_mask: transformers' 4-D bool mask ``[B, 1, S, N]`` or None (no padding).
+
+    Returns:
+        ``([B, S, H, D], None)``.
+    """
+    check_supported(module, kwargs)
+    S, N = query.shape[-2], key.shape[-2]
+    state = _layer_state(module, key)
+    config = state.config or getattr(module, _CONFIG_ATTR, None) or PQConfig()
+    if S == N:  # first forward of a sequence: dense prefill, then index the prompt
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                        scaling=scaling, **kwargs)
+        state.index = PQIndex.build(key, config, _padding_mask(attention_mask))
+        return out, None
+
+    index = state.index
+    if index is None or index.num_tokens != N - S or index.codes.shape[0] != key.shape[0]:
+        have = "no index" if index is None else f"an index of {index.num_tokens} tokens"
+        raise RuntimeError(
+            f"pqcache layer {module.layer_idx}: {N - S} cached tokens but {have}. pqcache needs the prefill to run "
+            "through it first, with transformers' dynamic cache or a pqflex.PQCache (static caches, cache cropping "
+            "and beam search are not supported)"
+        )
+    index.append(key[:, :, N - S:])
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return index.attend(query, key, value, scale).transpose(1, 2).contiguous(), None
+
+
+class PQCache(DynamicCache):
+    """transformers cache that owns the PQ state of every layer, for ``generate(past_key_values=PQCache(model))``.
+
+    It stores keys and values like :class:`transformers.DynamicCache` and holds one :class:`PQLayerState` per layer
+    (``pq_layers``). The attention layers must use ``attn_implementation="pqcache"``.
+
+    Args:
+        model: the model it serves (its attention layers receive the PQ state).
+        config: PQ settings; default: what :func:`configure` set on the model, else ``PQConfig()``.
+    """
+
+    def __init__(self, model: nn.Module, config: PQConfig | None = None) -> None:
+        super().__init__(config=model.config)
+        modules = _attention_modules(model)
+        for module in modules:
+            check_supported(module)
+        self.pq_config = get_config(model) if config is None else config
+        if not isinstance(self.pq_config, PQConfig):
+            raise TypeError(f"config must be a pqflex.PQConfig, got {type(self.pq_config).__name__}")
+        self._modules = {m.layer_idx: weakref.ref(m) for m in modules}
+        self.pq_layers = [PQLayerState(self.pq_config) for _ in range(max(self._modules) + 1)]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        module = self._modules[layer_idx]()
+        if module is not None:
+            state = self.pq_layers[layer_idx]
+            state.bound_key = weakref.ref(keys)
+            setattr(module, _BOUND_ATTR, weakref.ref(state))
+        return keys, values
+
+    def reset(self) -> None:
+        super().reset()
+        for state in self.pq_layers:
+            state.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("PQCache does not support beam search (reorder_cache)")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("PQCache does not support cropping (assisted generation)")
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, pqcache_attention_forward)
+# The mask is sdpa's: prefill runs sdpa, and the decode step reads the padding from the same 4-D mask.
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
