@@ -132,11 +132,11 @@ def test_multi_token_steps_after_prefill_match_single_steps():
     ids = prompt(260)
     with torch.no_grad():
         chunked = pq(ids[:, :200], use_cache=True)
-        chunk = pq(ids[:, 200:], past_key_values=chunked.past_key_values, use_cache=True).logits
+        chunk = pq(ids[:, 200:], use_cache=True, **{CACHE_KW: chunked.past_key_values}).logits
         single = pq(ids[:, :200], use_cache=True)
         cache, steps = single.past_key_values, []
         for t in range(200, 260):
-            out = pq(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = pq(ids[:, t:t + 1], use_cache=True, **{CACHE_KW: cache})
             cache = out.past_key_values
             steps.append(out.logits)
     torch.testing.assert_close(chunk, torch.cat(steps, 1), rtol=1e-4, atol=1e-4)
@@ -161,7 +161,7 @@ def test_out_of_sync_state_raises():
         out = pq(prompt(100), use_cache=True)
         pq(prompt(50), use_cache=True)  # another sequence's prefill replaces the module's index
         with pytest.raises(RuntimeError, match="100 cached tokens but an index of 50 tokens"):
-            pq(prompt(1), past_key_values=out.past_key_values, use_cache=True)
+            pq(prompt(1), use_cache=True, **{CACHE_KW: out.past_key_values})
 
 
 def test_static_cache_is_refused():
@@ -200,3 +200,17 @@ def test_configure_switches_implementation_and_validates():
         pqflex.configure(model, {"budget": 0.1})
     with pytest.raises(TypeError, match="pqflex.PQConfig"):
         PQCache(model, 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cuda_generation(arch):
+    pq, dense = (m.cuda() for m in twins(arch))
+    ids = prompt(300, batch=2).cuda()
+    pqflex.configure(pq, PQConfig(budget=1.0))
+    assert torch.equal(generate(pq, ids), generate(dense, ids))
+    pqflex.configure(pq, SPARSE)
+    counts, spy = _spy_plan()
+    with spy:
+        out = generate(pq.to(torch.bfloat16), ids, **{CACHE_KW: PQCache(pq)})
+    assert out.shape == (2, 12) and all((c == SPARSE.budget).all() for c in counts)

@@ -55,9 +55,8 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, se
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; argmin needs only the last two terms.
         partial = torch.baddbmm(centroids.pow(2).sum(-1)[:, None, :], xf, centroids.transpose(1, 2), alpha=-2)
         assign = partial.argmin(-1)  # [L, N]
-        onehot = F.one_hot(assign, ksub).float() * w[..., None]  # [L, N, ksub]
-        counts = onehot.sum(1)  # [L, ksub]
-        new = (onehot.transpose(1, 2) @ xf) / counts.clamp_min(1)[..., None]  # [L, ksub, dsub]
+        sums, counts = _cluster_sums(xf, w, assign, ksub)
+        new = sums / counts.clamp_min(1)[..., None]  # [L, ksub, dsub]
 
         empty = counts == 0
         dist = (partial.gather(-1, assign[..., None]).squeeze(-1) + x_sq).masked_fill(w == 0, -1.0)  # [L, N]
@@ -77,6 +76,23 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, se
         else:
             centroids = new
     return centroids
+
+
+def _cluster_sums(x: torch.Tensor, w: torch.Tensor, assign: torch.Tensor,
+                  ksub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sums ``[L, ksub, dsub]`` and counts ``[L, ksub]`` of the points of each cluster.
+
+    On CUDA a one-hot matmul (deterministic, unlike atomic adds); elsewhere an index add, which is deterministic
+    on the CPU and avoids the ``[L, N, ksub]`` one-hot tensor.
+    """
+    L, N, dsub = x.shape
+    if x.is_cuda:
+        onehot = F.one_hot(assign, ksub).float() * w[..., None]  # [L, N, ksub]
+        return onehot.transpose(1, 2) @ x, onehot.sum(1)
+    flat = (assign + ksub * torch.arange(L, device=x.device)[:, None]).reshape(-1)  # [L * N]
+    sums = torch.zeros(L * ksub, dsub, device=x.device).index_add_(0, flat, (x * w[..., None]).reshape(-1, dsub))
+    counts = torch.zeros(L * ksub, device=x.device).index_add_(0, flat, w.reshape(-1))
+    return sums.view(L, ksub, dsub), counts.view(L, ksub)
 
 
 def encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
