@@ -19,8 +19,8 @@ def dense_causal(query, key, value, kv_mask=None, scale=None):
     B, H, S, D = query.shape
     N = key.shape[-2]
     G = H // key.shape[1]
-    qpos = torch.arange(N - S, N)[:, None]
-    mask = (torch.arange(N)[None, :] <= qpos)[None, None]  # [1, 1, S, N]
+    qpos = torch.arange(N - S, N, device=query.device)[:, None]
+    mask = (torch.arange(N, device=query.device)[None, :] <= qpos)[None, None]  # [1, 1, S, N]
     if kv_mask is not None:
         mask = mask & kv_mask[:, None, None, :]
     k, v = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
