@@ -16,6 +16,7 @@ import torch
 
 from pqflex.config import PQConfig
 from pqflex.ops import reference
+from pqflex.ops.pq_select import pq_select
 from pqflex.quantizer import ProductQuantizer
 
 
@@ -107,11 +108,20 @@ class PQIndex:
         recent = valid & (pos > qpos - self.recent[:, None, None])
         candidates = valid & ~sink & ~recent  # [B, S, N]
 
+        if self.k_max == 0:  # every sequence is dense
+            return (sink | recent)[:, None].expand(B, Hkv, S, N)
         q = query.reshape(B, Hkv, G * S, D)  # [B, Hkv, G * S, D]
         ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G * S, M, ksub]
-        scores = reference.adc_scores(ip_table, self.codes).view(B, Hkv, G, S, N) * scale
-        agg = reference.gqa_scores(scores, candidates)  # [B, Hkv, S, N]
-        indices, ok = reference.select_topk(agg, self.topk, self.k_max)  # [B, Hkv, S, k_max]
+        if S == 1:  # a decode step: the pq_select op (Triton on CUDA, the reference elsewhere)
+            lo = self.start + self.sink
+            hi = (N - self.recent).clamp(min=0)
+            idx = pq_select(ip_table.view(B, Hkv, G, *ip_table.shape[-2:]), self.codes, lo, hi, self.topk,
+                            self.k_max, scale)[:, :, None]  # [B, Hkv, 1, k_max]
+            indices, ok = idx.long().clamp(min=0), idx >= 0
+        else:
+            scores = reference.adc_scores(ip_table, self.codes).view(B, Hkv, G, S, N) * scale
+            agg = reference.gqa_scores(scores, candidates)  # [B, Hkv, S, N]
+            indices, ok = reference.select_topk(agg, self.topk, self.k_max)  # [B, Hkv, S, k_max]
         selected = torch.zeros(B, Hkv, S, N, dtype=torch.int32, device=query.device)
         selected = selected.scatter_add_(-1, indices, ok.int()) > 0
         return (sink | recent)[:, None] | selected

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from pqflex.ops import reference
+from pqflex.ops import kmeans, reference
+from pqflex.ops.pq_encode import pq_encode
 
 
 class ProductQuantizer:
@@ -83,7 +84,7 @@ class ProductQuantizer:
                 raise ValueError(f"mask must be bool of shape {tuple(x.shape[:-1])}, got {mask.dtype} "
                                  f"{tuple(mask.shape)}")
             m = mask.reshape(-1, 1, N).expand(-1, self.M, N).reshape(-1, N)  # [L * M, N]
-        c = reference.kmeans(self._split(x), m, self.ksub, niter, seed, tol)  # [L * M, ksub, dsub]
+        c = kmeans.kmeans(self._split(x), m, self.ksub, niter, seed, tol)  # [L * M, ksub, dsub]
         self.centroids = c.reshape(*lead, self.M, self.ksub, self.dsub)
         return self
 
@@ -91,9 +92,9 @@ class ProductQuantizer:
         """Codes of ``x [..., N, dim]`` as uint8 ``[..., N, M]``."""
         self._check(x, "x")
         lead, N = x.shape[:-2], x.shape[-2]
-        c = self._require_trained(lead)
-        codes = reference.encode(self._split(x), c.reshape(-1, self.ksub, self.dsub))  # [L * M, N]
-        return codes.to(torch.uint8).reshape(-1, self.M, N).transpose(1, 2).reshape(*lead, N, self.M)
+        c = self._require_trained(lead).reshape(-1, self.M, self.ksub, self.dsub)  # [L, M, ksub, dsub]
+        codes = pq_encode(x.reshape(-1, N, self.dim), c)  # [L, N, M]
+        return codes.reshape(*lead, N, self.M)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``[..., N, dim]`` (fp32) of uint8 codes ``[..., N, M]``."""

@@ -35,40 +35,56 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, se
     Returns:
         centroids ``[L, ksub, dsub]`` fp32.
     """
-    L, N, dsub = x.shape
     xf = x.float()
-    w = torch.ones(L, N, device=x.device) if mask is None else mask.to(torch.float32)
-    n_valid = w.sum(-1)  # [L]
+    w = kmeans_weights(xf, mask)
+    x_sq = xf.pow(2).sum(-1)  # [L, N]
 
+    def step(centroids: torch.Tensor):
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; argmin needs only the last two terms.
+        partial = torch.baddbmm(centroids.pow(2).sum(-1)[:, None, :], xf, centroids.transpose(1, 2), alpha=-2)
+        assign = partial.argmin(-1)  # [L, N]
+        sums, counts = _cluster_sums(xf, w, assign, ksub)
+        dist = partial.gather(-1, assign[..., None]).squeeze(-1) + x_sq  # [L, N] distance to own centroid
+        return sums, counts, dist
+
+    return lloyd(xf, w, ksub, niter, seed, tol, step)
+
+
+def kmeans_weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[L, N]`` fp32 weights (1 for points that take part) of ``x [L, N, dsub]``."""
+    return torch.ones(x.shape[:2], device=x.device) if mask is None else mask.to(torch.float32)
+
+
+def lloyd(x: torch.Tensor, w: torch.Tensor, ksub: int, niter: int, seed: int, tol: float, step) -> torch.Tensor:
+    """The Lloyd loop shared by every k-means backend: seeded init, ``step``, mean update, empty re-seeding.
+
+    ``step(centroids)`` returns the per-cluster weighted sums ``[L, ksub, dsub]`` and counts ``[L, ksub]`` of the
+    points assigned to each centroid, and each point's squared distance to its centroid ``[L, N]``.
+    """
+    L, N, dsub = x.shape
+    n_valid = w.sum(-1)  # [L]
     gen = torch.Generator().manual_seed(seed)
     r = torch.rand(ksub, generator=gen, dtype=torch.float64).to(x.device)
     frac = (torch.arange(ksub, device=x.device, dtype=torch.float64) + r) / ksub  # [ksub] in [0, 1)
     rank = (frac[None, :] * n_valid[:, None].double()).floor().long()  # [L, ksub]
     rank = torch.minimum(rank, (n_valid.long() - 1).clamp_min(0)[:, None])
     pos = torch.searchsorted(w.cumsum(-1).contiguous(), (rank + 1).float())  # index of the rank-th valid point
-    centroids = torch.gather(xf, 1, pos.clamp_max(N - 1)[..., None].expand(L, ksub, dsub))  # [L, ksub, dsub]
+    centroids = torch.gather(x, 1, pos.clamp_max(N - 1)[..., None].expand(L, ksub, dsub)).float()
 
-    x_sq = xf.pow(2).sum(-1)  # [L, N]
     kk = min(ksub, N)
     variance = None
     for _ in range(niter):
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; argmin needs only the last two terms.
-        partial = torch.baddbmm(centroids.pow(2).sum(-1)[:, None, :], xf, centroids.transpose(1, 2), alpha=-2)
-        assign = partial.argmin(-1)  # [L, N]
-        sums, counts = _cluster_sums(xf, w, assign, ksub)
+        sums, counts, dist = step(centroids)
         new = sums / counts.clamp_min(1)[..., None]  # [L, ksub, dsub]
-
         empty = counts == 0
-        dist = (partial.gather(-1, assign[..., None]).squeeze(-1) + x_sq).masked_fill(w == 0, -1.0)  # [L, N]
-        far = dist.topk(kk, dim=-1).indices  # [L, kk]
+        far = dist.masked_fill(w == 0, -1.0).topk(kk, dim=-1).indices  # [L, kk]
         slot = (empty.long().cumsum(-1) - 1).clamp(0, kk - 1)  # r-th empty cluster takes the r-th farthest point
-        far_pts = torch.gather(xf, 1, far.gather(1, slot)[..., None].expand(L, ksub, dsub))
+        far_pts = torch.gather(x, 1, far.gather(1, slot)[..., None].expand(L, ksub, dsub)).float()
         new = torch.where(empty[..., None], far_pts, new)
-
         if tol > 0:
             if variance is None:
-                mean = (xf * w[..., None]).sum(1, keepdim=True) / n_valid.clamp_min(1)[:, None, None]
-                variance = (((xf - mean) ** 2).sum(-1) * w).sum() / w.sum().clamp_min(1)
+                mean = (x * w[..., None]).sum(1, keepdim=True) / n_valid.clamp_min(1)[:, None, None]
+                variance = (((x - mean) ** 2).sum(-1) * w).sum() / w.sum().clamp_min(1)
             shift = (new - centroids).pow(2).sum(-1).mean()
             centroids = new
             if shift <= tol * variance:

@@ -1,0 +1,91 @@
+"""pq_encode and k-means kernels against the reference; Triton under the interpreter on CPU, compiled on CUDA."""
+
+import pytest
+import torch
+
+from pqflex.ops import reference
+from pqflex.ops.kmeans import kmeans, kmeans_triton
+from pqflex.ops.pq_encode import pq_encode, pq_encode_reference, pq_encode_triton
+from tests.helpers import clustered_keys
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sub_distance(x, centroids, codes):
+    """Squared distance of each sub-vector to the centroid its code names, ``[L, N, M]``."""
+    L, N, _ = x.shape
+    M, _, dsub = centroids.shape[1:]
+    sub = x.float().view(L, N, M, dsub)
+    chosen = torch.gather(centroids[:, None].expand(L, N, M, -1, dsub), 3,
+                          codes.long()[..., None, None].expand(L, N, M, 1, dsub)).squeeze(3)
+    return (sub - chosen).pow(2).sum(-1)
+
+
+def assert_codes_match(x, centroids, out):
+    ref = pq_encode_reference(x, centroids)
+    assert out.shape == ref.shape and out.dtype == torch.uint8
+    # Equal codes, except where two centroids are equally near up to float rounding.
+    d_out, d_ref = sub_distance(x, centroids, out), sub_distance(x, centroids, ref)
+    torch.testing.assert_close(d_out, d_ref, rtol=1e-5, atol=1e-5)
+    assert (out == ref).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("L,N,M,nbits,dsub,dtype", [
+    (3, 257, 2, 6, 32, torch.float32),
+    (2, 100, 4, 4, 16, torch.bfloat16),
+    (1, 65, 1, 8, 64, torch.float16),
+    (2, 33, 8, 5, 8, torch.float32),
+])
+def test_encode_matches_reference(L, N, M, nbits, dsub, dtype):
+    g = torch.Generator().manual_seed(L * N)
+    x = torch.randn(L, N, M * dsub, generator=g).to(dtype).to(DEVICE)
+    centroids = torch.randn(L, M, 1 << nbits, dsub, generator=g).to(DEVICE)
+    assert_codes_match(x, centroids, pq_encode_triton(x, centroids))
+
+
+def test_encode_op_and_validation():
+    x, c = torch.randn(2, 40, 64), torch.randn(2, 2, 64, 32)
+    assert torch.equal(pq_encode(x, c), pq_encode_reference(x, c))
+    with pytest.raises(ValueError, match="does not match centroids"):
+        pq_encode(x[:, :, :60], c)
+    with pytest.raises(TypeError, match="floating point"):
+        pq_encode(x.long(), c)
+    with pytest.raises(ValueError, match="ksub >= 16"):
+        pq_encode_triton(x, c[:, :, :8])
+
+
+@pytest.mark.parametrize("L,N,ksub,dsub,masked", [(4, 700, 16, 32, False), (2, 1500, 64, 16, True)])
+def test_kmeans_triton_matches_reference_quality(L, N, ksub, dsub, masked):
+    g = torch.Generator().manual_seed(N)
+    x = clustered_keys(1, L, N, dsub, n_clusters=ksub // 2, generator=g)[0].to(DEVICE)
+    mask = (torch.rand(L, N, generator=g) > 0.2).to(DEVICE) if masked else None
+    fast = kmeans_triton(x, mask, ksub, niter=8, seed=3)
+    ref = reference.kmeans(x, mask, ksub, niter=8, seed=3)
+    assert fast.shape == ref.shape == (L, ksub, dsub)
+    w = torch.ones(L, N, device=DEVICE) if mask is None else mask.float()
+
+    def error(c):
+        codes = reference.encode(x, c)
+        return ((x - torch.gather(c, 1, codes[..., None].expand(L, N, dsub))).pow(2).sum(-1) * w).sum()
+
+    assert error(fast) <= error(ref) * 1.01
+    counts = torch.stack([torch.bincount(reference.encode(x, fast)[i][w[i] > 0], minlength=ksub) for i in range(L)])
+    assert (counts > 0).all(), "a dead cluster"
+    assert torch.equal(fast, kmeans_triton(x, mask, ksub, niter=8, seed=3)), "not deterministic"
+
+
+def test_kmeans_dispatch_uses_reference_on_cpu():
+    x = torch.randn(2, 300, 16)
+    assert torch.equal(kmeans(x, None, 16, 5, 1), reference.kmeans(x, None, 16, 5, 1))
+    assert torch.equal(torch.ops.pqflex.kmeans(x, None, 16, 5, 1, 0.0), reference.kmeans(x, None, 16, 5, 1))
+    with pytest.raises(ValueError, match="ksub=12"):
+        kmeans(x, None, 12, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("nbits", [4, 6, 8])
+def test_cuda_encode_grid(M, nbits):
+    x = torch.randn(16, 3001, 128, device="cuda", dtype=torch.bfloat16)
+    centroids = torch.randn(16, M, 1 << nbits, 128 // M, device="cuda")
+    assert_codes_match(x, centroids, torch.ops.pqflex.pq_encode(x, centroids))
