@@ -110,9 +110,11 @@ def test_tolerance_stops_early_and_stays_close():
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu():
-    x = torch.randn(2, 3, 1000, 64)
+def test_cuda_trains_as_well_as_cpu():
+    """The CUDA k-means (Triton, tf32 distances) reconstructs as well as the CPU reference at the same settings."""
+    x = clustered_keys(2, 3, 2000, 64, generator=torch.Generator().manual_seed(0))
     cpu = ProductQuantizer(64, 2, 6).train(x)
     gpu = ProductQuantizer(64, 2, 6).train(x.cuda())
-    codes_cpu, codes_gpu = cpu.encode(x), gpu.encode(x.cuda()).cpu()
-    assert (codes_cpu == codes_gpu).float().mean() > 0.99
+    err_cpu = (cpu.decode(cpu.encode(x)) - x).pow(2).mean().item()
+    err_gpu = (gpu.decode(gpu.encode(x.cuda())).cpu() - x).pow(2).mean().item()
+    assert err_gpu <= err_cpu * 1.01

@@ -8,7 +8,7 @@ largest ``p`` are returned.
 The Triton kernels use that a token's score depends on its code tuple only. With ``M * nbits <= 12`` there are at
 most 4096 tuples ("cells"), so one program per (sequence, KV head) takes the histogram of the candidates' cells,
 scores every cell (softmax normalizers weighted by the histogram), and finds the exact threshold score of the
-top-k as a radix search over the float bits (4 bits a round). Three launches: a histogram of the candidates' cells (one atomic add per
+top-k by bisection over the float bits. Three launches: a histogram of the candidates' cells (one atomic add per
 token), the per-cell plan, and a scan that emits the tokens above the threshold (and enough of those equal to it).
 Both scans read 1 byte per code; no per-token score is ever written. Shapes with
 more than 12 code bits fall back to the reference on the device. Among tokens whose scores tie at the threshold
@@ -129,18 +129,18 @@ if triton is not None:
         bits = tl.where(present, score.to(tl.int32, bitcast=True), -1)  # scores >= 0: int order = float order
         tl.store(table_ptr + pid * NCELLS + cells, bits)
 
-        # Exact threshold: the largest T with #(candidates with bits >= T) >= k_eff, found 4 bits at a time from
-        # the top (8 rounds of 16 pivots); each round keeps the largest pivot whose count still reaches k_eff.
+        # Exact threshold: the largest T with #(candidates with bits >= T) >= k_eff, by bisection on the bits.
+        # (A 4-bits-a-round radix search over [NCELLS, 16] pivots measured 8x slower on an H200.)
         k_eff = tl.minimum(k, total)
-        bits64 = bits.to(tl.int64)
-        digits = tl.arange(0, 16).to(tl.int64)
-        prefix = tl.zeros([], dtype=tl.int64)
-        for r in tl.static_range(8):
-            pivots = prefix + (digits << (28 - 4 * r))  # [16]
-            counts = tl.sum(tl.where(bits64[:, None] >= pivots[None, :], hist[:, None], 0), axis=0)  # [16]
-            n_ok = tl.sum((counts >= k_eff).to(tl.int64), axis=0)
-            prefix += (n_ok - 1) << (28 - 4 * r)
-        threshold = tl.where(k_eff > 0, prefix.to(tl.int32), 0x7F800000)
+        t_lo = tl.zeros([], dtype=tl.int32)
+        t_hi = tl.full([], 0x7F800000, dtype=tl.int32)
+        for _ in tl.static_range(31):
+            mid = t_lo + (t_hi - t_lo + 1) // 2
+            count = tl.sum(tl.where(bits >= mid, hist, 0), axis=0)
+            ok = count >= k_eff
+            t_lo = tl.where(ok, mid, t_lo)
+            t_hi = tl.where(ok, t_hi, mid - 1)
+        threshold = tl.where(k_eff > 0, t_lo, 0x7F800000)
         count_gt = tl.sum(tl.where(bits > threshold, hist, 0), axis=0)
         tl.store(meta_ptr + pid * 4 + 0, threshold)
         tl.store(meta_ptr + pid * 4 + 1, count_gt)
