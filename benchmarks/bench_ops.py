@@ -20,7 +20,7 @@ import transformers
 
 from pqflex.ops import reference
 from pqflex.ops.kmeans import kmeans_triton
-from pqflex.ops.pq_select import pq_select_reference
+from pqflex.ops.pq_select import pq_select_reference, pq_select_triton
 from pqflex.quantizer import ProductQuantizer
 
 B, HKV, G, D, M, NBITS = 1, 8, 4, 128, 2, 6
@@ -98,11 +98,13 @@ def bench_select(n: int, frac: float, gen: torch.Generator) -> dict:
         torch_select(ip_table, codes, lo, hi, k)
 
     t_fast_graph, t_fast = graph_time_us(fast), eager_time_us(fast)
+    warps = {w: graph_time_us(lambda: pq_select_triton(ip_table, codes, lo, hi, topk, k, SCALE, plan_warps=w))
+             for w in (4, 16)}
     t_plain_graph, t_plain = graph_time_us(plain), eager_time_us(plain)
     bytes_moved = codes.numel() + B * HKV * k * 4 + ip_table.numel() * 4
     return dict(N=n, topk=k, select_graph_us=t_fast_graph, select_eager_us=t_fast,
                 torch_graph_us=t_plain_graph, torch_eager_us=t_plain, speedup_graph=t_plain_graph / t_fast_graph,
-                bytes=bytes_moved, floor_us=bytes_moved / 3.0e12 * 1e6,
+                plan_warps4_graph_us=warps[4], plan_warps16_graph_us=warps[16], bytes=bytes_moved, floor_us=bytes_moved / 3.0e12 * 1e6,
                 achieved_GBps=bytes_moved / (t_fast_graph * 1e-6) / 1e9)
 
 
@@ -172,11 +174,12 @@ def main() -> None:
             json.dump(result, f, indent=2)
     print(json.dumps(env))
     print(f"{'N':>7} {'topk':>6} {'select us (graph/eager)':>24} {'torch us (graph/eager)':>23} {'x':>5} "
-          f"{'floor us':>8} {'GB/s':>6}")
+          f"{'floor us':>8} {'GB/s':>6} {'4w/16w us':>12}")
     for r in select:
         print(f"{r['N']:>7} {r['topk']:>6} {r['select_graph_us']:>11.1f} / {r['select_eager_us']:<10.1f}"
               f"{r['torch_graph_us']:>11.1f} / {r['torch_eager_us']:<9.1f}{r['speedup_graph']:>5.1f} "
-              f"{r['floor_us']:>8.2f} {r['achieved_GBps']:>6.0f}")
+              f"{r['floor_us']:>8.2f} {r['achieved_GBps']:>6.0f} {r['plan_warps4_graph_us']:>5.1f}/"
+              f"{r['plan_warps16_graph_us']:<5.1f}")
     print(f"{'N':>7} {'niter':>5} {'kmeans+encode ms/layer':>23} {'32 layers ms':>13} {'% dense prefill':>16} "
           f"{'recon err triton/ref':>22}")
     for r in build:

@@ -189,8 +189,11 @@ if triton is not None:
 
 
 def pq_select_triton(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                     topk: torch.Tensor, k_max: int, scale: float) -> torch.Tensor:
-    """Launch the Triton pq_select (same contract as :func:`pq_select_reference`, ties aside)."""
+                     topk: torch.Tensor, k_max: int, scale: float, plan_warps: int = 8) -> torch.Tensor:
+    """Launch the Triton pq_select (same contract as :func:`pq_select_reference`, ties aside).
+
+    ``plan_warps`` sets the warps of the per-cell plan program (a tuning knob for benchmarks).
+    """
     _check(ip_table, codes, lo, hi, topk, k_max)
     B, Hkv, G, M, ksub = ip_table.shape
     nbits = ksub.bit_length() - 1
@@ -214,7 +217,7 @@ def pq_select_triton(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tens
     launch(_pq_select_plan_kernel)[(B * Hkv,)](
         ip_table, hist, topk, table, meta, out, Hkv, k_max, float(scale),
         ip_table.stride(0), ip_table.stride(1), ip_table.stride(2), ip_table.stride(3),
-        G=G, M=M, NBITS=nbits, NCELLS=ncells, BLOCK_K=1024, num_warps=8)
+        G=G, M=M, NBITS=nbits, NCELLS=ncells, BLOCK_K=1024, num_warps=plan_warps)
     launch(_pq_select_emit_kernel)[scan_grid](
         codes, lo, hi, table, meta, gt_count, out, Hkv, k_max,
         codes.stride(0), codes.stride(1), codes.stride(2),
