@@ -79,9 +79,9 @@ def _check(ip_table, codes, lo, hi, topk, k_max) -> None:
 if triton is not None:
 
     @triton.jit
-    def _pq_select_hist_kernel(codes_ptr, lo_ptr, hi_ptr, hist_ptr, Hkv, s_c_b, s_c_h, s_c_n,
-                               M: tl.constexpr, NBITS: tl.constexpr, NCELLS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Histogram of the candidates' code tuples ("cells"), one atomic add per token."""
+    def _candidate_cells(codes_ptr, lo_ptr, hi_ptr, Hkv, s_c_b, s_c_h, s_c_n, M: tl.constexpr,
+                         NBITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's (sequence x KV head) index, token offsets, candidate mask and code-tuple cells."""
         pid = tl.program_id(0)
         b = pid // Hkv
         h = pid % Hkv
@@ -89,12 +89,20 @@ if triton is not None:
         hi = tl.load(hi_ptr + b).to(tl.int32)
         offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         inr = (offs >= lo) & (offs < hi)
+        codes_bh = codes_ptr + b * s_c_b + h * s_c_h
+        cell = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for m in tl.static_range(M):
+            code = tl.load(codes_bh + offs * s_c_n + m, mask=inr, other=0).to(tl.int32)
+            cell += code << (NBITS * m)
+        return pid, offs, inr, cell
+
+    @triton.jit
+    def _pq_select_hist_kernel(codes_ptr, lo_ptr, hi_ptr, hist_ptr, Hkv, s_c_b, s_c_h, s_c_n,
+                               M: tl.constexpr, NBITS: tl.constexpr, NCELLS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Histogram of the candidates' code tuples ("cells"), one atomic add per token."""
+        pid, offs, inr, cell = _candidate_cells(codes_ptr, lo_ptr, hi_ptr, Hkv, s_c_b, s_c_h, s_c_n, M, NBITS,
+                                                BLOCK_N)
         if tl.sum(inr.to(tl.int32), axis=0) > 0:
-            codes_bh = codes_ptr + b * s_c_b + h * s_c_h
-            cell = tl.zeros([BLOCK_N], dtype=tl.int32)
-            for m in tl.static_range(M):
-                code = tl.load(codes_bh + offs * s_c_n + m, mask=inr, other=0).to(tl.int32)
-                cell += code << (NBITS * m)
             tl.atomic_add(hist_ptr + pid * NCELLS + cell, 1, mask=inr, sem="relaxed")
 
     @triton.jit
@@ -155,19 +163,10 @@ if triton is not None:
     def _pq_select_emit_kernel(codes_ptr, lo_ptr, hi_ptr, table_ptr, meta_ptr, gt_count_ptr, out_ptr,
                                Hkv, k_max, s_c_b, s_c_h, s_c_n,
                                M: tl.constexpr, NBITS: tl.constexpr, NCELLS: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid = tl.program_id(0)
-        b = pid // Hkv
-        h = pid % Hkv
-        lo = tl.load(lo_ptr + b).to(tl.int32)
-        hi = tl.load(hi_ptr + b).to(tl.int32)
-        offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        inr = (offs >= lo) & (offs < hi)
+        """Write the tokens above the threshold, and as many threshold ties as the top-k still needs."""
+        pid, offs, inr, cell = _candidate_cells(codes_ptr, lo_ptr, hi_ptr, Hkv, s_c_b, s_c_h, s_c_n, M, NBITS,
+                                                BLOCK_N)
         if tl.sum(inr.to(tl.int32), axis=0) > 0:
-            codes_bh = codes_ptr + b * s_c_b + h * s_c_h
-            cell = tl.zeros([BLOCK_N], dtype=tl.int32)
-            for m in tl.static_range(M):
-                code = tl.load(codes_bh + offs * s_c_n + m, mask=inr, other=0).to(tl.int32)
-                cell += code << (NBITS * m)
             bits = tl.load(table_ptr + pid * NCELLS + cell, mask=inr, other=-1)
             threshold = tl.load(meta_ptr + pid * 4 + 0)
             count_gt = tl.load(meta_ptr + pid * 4 + 1)
