@@ -101,7 +101,7 @@ def test_masked_batch_equals_rows_trained_alone():
         torch.testing.assert_close(batched[row:row + 1], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_tolerance_stops_early_and_stays_close():
+def test_tolerance_keeps_reconstruction_quality():
     x = clustered_keys(1, 1, 1000, 16, n_clusters=8, generator=torch.Generator().manual_seed(2))
     full = ProductQuantizer(16, 2, 3).train(x, niter=50)
     early = ProductQuantizer(16, 2, 3).train(x, niter=50, tol=1e-3)
