@@ -106,7 +106,6 @@ class PQIndex:
         valid = (pos >= start) & (pos <= qpos)  # [B, S, N]
         sink = valid & (pos < start + self.sink[:, None, None])
         recent = valid & (pos > qpos - self.recent[:, None, None])
-        candidates = valid & ~sink & ~recent  # [B, S, N]
 
         if self.k_max == 0:  # every sequence is dense
             return (sink | recent)[:, None].expand(B, Hkv, S, N)
@@ -119,6 +118,7 @@ class PQIndex:
                             self.k_max, scale)[:, :, None]  # [B, Hkv, 1, k_max]
             indices, ok = idx.long().clamp(min=0), idx >= 0
         else:
+            candidates = valid & ~sink & ~recent  # [B, S, N]
             scores = reference.adc_scores(ip_table, self.codes).view(B, Hkv, G, S, N) * scale
             agg = reference.gqa_scores(scores, candidates)  # [B, Hkv, S, N]
             indices, ok = reference.select_topk(agg, self.topk, self.k_max)  # [B, Hkv, S, k_max]

@@ -75,9 +75,22 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return modules
 
 
+_CHECKED_ATTR = "_pqflex_checked"  # set once a module's class and config passed check_supported
+
+
 def check_supported(module: nn.Module, attention_kwargs: dict[str, Any] | None = None) -> None:
-    """Raise ``NotImplementedError`` naming the class if pqcache cannot serve this attention layer correctly."""
+    """Raise ``NotImplementedError`` naming the class if pqcache cannot serve this attention layer correctly.
+
+    The module's config is checked once; the attention keyword arguments on every call.
+    """
     name = type(module).__name__
+    for key in _UNSUPPORTED_KWARGS:
+        if (attention_kwargs or {}).get(key) is not None:
+            raise NotImplementedError(
+                f"pqcache does not support attention with {key}={attention_kwargs[key]!r} ({name})"
+            )
+    if getattr(module, _CHECKED_ATTR, False):
+        return
     config = getattr(module, "config", None)
     for attr, what in _UNSUPPORTED_CONFIG.items():
         if getattr(config, attr, None):
@@ -93,11 +106,7 @@ def check_supported(module: nn.Module, attention_kwargs: dict[str, Any] | None =
     window = getattr(config, "sliding_window", None)
     if layer_types is None and window is not None:
         raise NotImplementedError(f"pqcache does not support attention with sliding_window={window!r} ({name})")
-    for key in _UNSUPPORTED_KWARGS:
-        if (attention_kwargs or {}).get(key) is not None:
-            raise NotImplementedError(
-                f"pqcache does not support attention with {key}={attention_kwargs[key]!r} ({name})"
-            )
+    setattr(module, _CHECKED_ATTR, True)
 
 
 def configure(model: nn.Module, config: PQConfig | None = None) -> nn.Module:
@@ -111,6 +120,7 @@ def configure(model: nn.Module, config: PQConfig | None = None) -> nn.Module:
         raise TypeError(f"config must be a pqflex.PQConfig, got {type(config).__name__}")
     modules = _attention_modules(model)
     for module in modules:
+        setattr(module, _CHECKED_ATTR, False)  # the config may have changed since the last check
         check_supported(module)
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
