@@ -151,6 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--lengths", default="8192,32768,131072")
+    parser.add_argument("--no-build", action="store_true", help="skip the index-build (k-means + encode) rows")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one index build")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -166,7 +167,7 @@ def main() -> None:
                transformers=transformers.__version__, python=platform.python_version())
     lengths = [int(x) for x in args.lengths.split(",")]
     select = [bench_select(n, frac, gen) for n in lengths for frac in (0.05, 0.1)]
-    build = [bench_index_build(n, gen, niter=it) for n in lengths if n >= 32768 for it in (10, 20)]
+    build = [bench_index_build(n, gen, niter=it) for n in lengths if n >= 32768 and not args.no_build for it in (10, 20)]
     result = dict(env=env, shape=dict(B=B, Hkv=HKV, G=G, D=D, M=M, nbits=NBITS, dtype="bfloat16"),
                   select=select, index_build=build)
     if args.out:
