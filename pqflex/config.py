@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 DENSE_WINDOW = 1 << 40
 
 KMEANS_DEVICES = ("auto", "cpu")
+ATTENTION_BACKENDS = ("gather", "flex")  # see pqflex.sparse
 
 
 class Budget(NamedTuple):
@@ -67,6 +68,8 @@ class PQConfig:
         tol: stop k-means early when the mean squared centroid shift falls below ``tol`` times the data variance;
             ``0.0`` runs exactly ``niter`` iterations with no host synchronization.
         kmeans_device: ``"auto"`` trains where the keys are; ``"cpu"`` trains on the CPU.
+        backend: how a decode step attends its tokens: ``"gather"`` (compact copy + SDPA, the default: fastest in
+            BENCHMARKS.md) or ``"flex"`` (FlexAttention with a block mask; fast only under ``torch.compile``).
     """
 
     M: int = 2
@@ -79,6 +82,7 @@ class PQConfig:
     seed: int = 0
     tol: float = 0.0
     kmeans_device: Literal["auto", "cpu"] = "auto"
+    backend: Literal["gather", "flex"] = "gather"
 
     def __post_init__(self) -> None:
         _check_int("M", self.M, 1)
@@ -97,6 +101,8 @@ class PQConfig:
         _check_float("tol", self.tol, 0.0, math.inf)
         if self.kmeans_device not in KMEANS_DEVICES:
             raise ValueError(f"PQConfig.kmeans_device={self.kmeans_device!r}; allowed: {KMEANS_DEVICES}")
+        if self.backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"PQConfig.backend={self.backend!r}; allowed: {ATTENTION_BACKENDS}")
         # The budget must leave room for sink + 1 recent + 1 top-k token at the shortest sparse context.
         smallest = self.budget if isinstance(self.budget, int) else int(self.budget * self.min_context)
         dense_only = isinstance(self.budget, float) and self.budget == 1.0

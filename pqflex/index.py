@@ -13,11 +13,13 @@ recent window ``(p - recent_size, p]`` and the ``topk`` middle tokens with the b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pqflex.config import PQConfig
 from pqflex.ops import reference
 from pqflex.ops.pq_select import pq_select
 from pqflex.quantizer import ProductQuantizer
+from pqflex.sparse import decode_token_list, sparse_decode_attention
 
 
 def left_padding_start(kv_mask: torch.Tensor | None, B: int, N: int, device: torch.device) -> torch.Tensor:
@@ -48,22 +50,32 @@ class PQIndex:
     """
 
     def __init__(self, config: PQConfig, quantizer: ProductQuantizer, codes: torch.Tensor, start: torch.Tensor,
-                 sink: torch.Tensor, recent: torch.Tensor, topk: torch.Tensor, k_max: int) -> None:
+                 sink: torch.Tensor, recent: torch.Tensor, topk: torch.Tensor, k_max: int, sink_max: int,
+                 recent_max: int) -> None:
         self.config, self.quantizer, self.codes = config, quantizer, codes
         self.start, self.sink, self.recent, self.topk, self.k_max = start, sink, recent, topk, k_max
+        self.sink_max, self.recent_max = sink_max, recent_max
 
     @property
     def num_tokens(self) -> int:
+        """Rows of ``codes``: the cached tokens, or the capacity of an index built with one."""
         return self.codes.shape[-2]
 
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a decode step reads or writes (for ``torch._dynamo.mark_static_address``)."""
+        return (self.codes, self.quantizer.centroids, self.start, self.sink, self.recent, self.topk)
+
     @classmethod
-    def build(cls, key: torch.Tensor, config: PQConfig, kv_mask: torch.Tensor | None = None) -> PQIndex:
+    def build(cls, key: torch.Tensor, config: PQConfig, kv_mask: torch.Tensor | None = None,
+              capacity: int | None = None) -> PQIndex:
         """Train on the middle keys of each sequence and encode all keys.
 
         Args:
             key: ``[B, Hkv, N, D]`` post-RoPE keys.
             config: settings; the budget is resolved on each sequence's valid length.
             kv_mask: ``[B, N]`` bool left-padding mask, True for real tokens; None means no padding.
+            capacity: allocate ``codes`` for this many tokens (a static cache; see :meth:`store`); the first
+                ``N`` rows hold the prompt. None sizes ``codes`` to the prompt (a growing cache; see :meth:`append`).
         """
         B, Hkv, N, D = key.shape
         start = left_padding_start(kv_mask, B, N, key.device)
@@ -78,7 +90,13 @@ class PQIndex:
         pq.train(train_keys, middle[:, None, :].expand(B, Hkv, N).to(train_keys.device), niter=config.niter,
                  seed=config.seed, tol=config.tol)
         pq.centroids = pq.centroids.to(key.device)
-        return cls(config, pq, pq.encode(key), start, sink, recent, topk, max(b.topk for b in budgets))
+        codes = pq.encode(key)
+        if capacity is not None:
+            if capacity < N:
+                raise ValueError(f"capacity={capacity} is smaller than the prompt ({N} tokens)")
+            codes = torch.cat([codes, codes.new_zeros(B, Hkv, capacity - N, config.M)], dim=-2)
+        return cls(config, pq, codes, start, sink, recent, topk, k_max=max(b.topk for b in budgets),
+                   sink_max=max(b.sink_size for b in budgets), recent_max=max(b.recent_size for b in budgets))
 
     def append(self, key: torch.Tensor) -> None:
         """Encode new keys ``[B, Hkv, S, D]`` with the existing centroids; they become cached tokens."""
@@ -86,6 +104,42 @@ class PQIndex:
             raise ValueError(f"new keys must be [B, Hkv, S, D] with B, Hkv = {tuple(self.codes.shape[:2])}, "
                              f"got {tuple(key.shape)}")
         self.codes = torch.cat([self.codes, self.quantizer.encode(key)], dim=-2)
+
+    def store(self, key: torch.Tensor, n: torch.Tensor) -> None:
+        """Encode the newest key of a fixed-capacity cache: ``key [B, Hkv, C, D]``, position ``n - 1`` (0-d tensor).
+
+        No host synchronization: ``n`` stays on the device.
+        """
+        pos = (n - 1).reshape(1)
+        self.codes.index_copy_(2, pos, self.quantizer.encode(key.index_select(2, pos)))
+
+    def select(self, query: torch.Tensor, n: torch.Tensor | int, scale: float) -> torch.Tensor:
+        """The ``k_max`` middle tokens (``[B, Hkv, k_max]`` int32, ``-1`` = empty) of a decode step at ``n - 1``."""
+        B, H, _, D = query.shape
+        Hkv = self.codes.shape[1]
+        q = query.reshape(B, Hkv, H // Hkv, D)  # the G query heads of each KV head
+        ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G, M, ksub]
+        hi = (n - self.recent).clamp(min=0)
+        return pq_select(ip_table, self.codes, self.start + self.sink, hi, self.topk, self.k_max, scale)
+
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: torch.Tensor | int,
+               scale: float) -> torch.Tensor:
+        """One decode step: attention ``[B, H, 1, D]`` of the query at position ``n - 1`` over its tokens.
+
+        ``key``/``value`` ``[B, Hkv, C, D]`` hold at least ``n`` tokens (more in a fixed-capacity cache) and the
+        new key is already encoded. Static shapes and no host synchronization, so the step compiles once.
+        """
+        C = key.shape[-2]
+        if self.k_max == 0:  # every sequence is dense: masked SDPA over the whole buffer
+            pos = torch.arange(C, device=key.device)
+            valid = (pos >= self.start[:, None]) & (pos < n)  # [B, C]
+            B, H, _, D = query.shape
+            q = query.reshape(B, key.shape[1], H // key.shape[1], D)
+            out = F.scaled_dot_product_attention(q, key, value, attn_mask=valid[:, None, None, :], scale=scale)
+            return out.reshape(query.shape)
+        idx, valid = decode_token_list(self.select(query, n, scale), self.start, self.sink, self.recent, n,
+                                       self.sink_max, min(self.recent_max, C))
+        return sparse_decode_attention(query, key, value, idx, valid, scale, self.config.backend)
 
     def plan(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Which cached tokens each query attends, per KV head.
@@ -109,15 +163,12 @@ class PQIndex:
 
         if self.k_max == 0:  # every sequence is dense
             return (sink | recent)[:, None].expand(B, Hkv, S, N)
-        q = query.reshape(B, Hkv, G * S, D)  # [B, Hkv, G * S, D]
-        ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G * S, M, ksub]
         if S == 1:  # a decode step: the pq_select op (Triton on CUDA, the reference elsewhere)
-            lo = self.start + self.sink
-            hi = (N - self.recent).clamp(min=0)
-            idx = pq_select(ip_table.view(B, Hkv, G, *ip_table.shape[-2:]), self.codes, lo, hi, self.topk,
-                            self.k_max, scale)[:, :, None]  # [B, Hkv, 1, k_max]
+            idx = self.select(query, N, scale)[:, :, None]  # [B, Hkv, 1, k_max]
             indices, ok = idx.long().clamp(min=0), idx >= 0
         else:
+            q = query.reshape(B, Hkv, G * S, D)  # [B, Hkv, G * S, D]
+            ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G * S, M, ksub]
             candidates = valid & ~sink & ~recent  # [B, S, N]
             scores = reference.adc_scores(ip_table, self.codes).view(B, Hkv, G, S, N) * scale
             agg = reference.gqa_scores(scores, candidates)  # [B, Hkv, S, N]
@@ -128,4 +179,6 @@ class PQIndex:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
         """Exact attention ``[B, H, S, D]`` over the planned tokens of ``key``/``value`` ``[B, Hkv, N, D]``."""
+        if query.shape[-2] == 1:
+            return self.decode(query, key, value, key.shape[-2], scale)
         return reference.masked_attention(query, key, value, self.plan(query, scale), scale)

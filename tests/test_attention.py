@@ -64,7 +64,7 @@ def test_multi_token_step_equals_single_steps():
     for i in range(S):
         n = N - S + i + 1
         step = PQIndex(SPARSE, index.quantizer, index.codes[:, :, :n], index.start, index.sink, index.recent,
-                       index.topk, index.k_max)
+                       index.topk, index.k_max, index.sink_max, index.recent_max)
         single = step.plan(q[:, :, i: i + 1], D ** -0.5)
         assert torch.equal(single[:, :, 0], attend[:, :, i, :n])
 

@@ -9,6 +9,7 @@ from transformers import (AttentionInterface, AutoModelForCausalLM, LlamaConfig,
 
 import pqflex
 from pqflex import PQCache, PQConfig, PQIndex
+from pqflex import index as pq_index
 from pqflex.integrations import transformers as pq_tf
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
@@ -70,15 +71,16 @@ def test_budget_covering_context_is_token_identical_to_sdpa(arch):
 
 
 def _spy_plan():
+    """Counts the tokens each decode step attends per sequence and KV head."""
     counts = []
-    original = PQIndex.plan
+    original = pq_index.decode_token_list
 
-    def plan(self, query, scale):
-        attend = original(self, query, scale)
-        counts.append(attend[:, :, -1].sum(-1))  # [B, Hkv] tokens attended by the last query
-        return attend
+    def token_list(*args):
+        idx, valid = original(*args)
+        counts.append(valid.sum(-1))  # [B, Hkv]
+        return idx, valid
 
-    return counts, mock.patch.object(PQIndex, "plan", plan)
+    return counts, mock.patch.object(pq_index, "decode_token_list", token_list)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -1,0 +1,127 @@
+"""Sparse decode attention backends against the reference masked attention, and the decode token list."""
+
+import pytest
+import torch
+
+from pqflex import PQConfig, PQIndex
+from pqflex.ops import reference
+from pqflex.sparse import decode_token_list, flex_block_mask, sparse_decode_attention
+
+from tests.helpers import assert_close_rule, dense_causal
+
+
+def token_list_case(B=2, Hkv=2, k_max=5, n=300, sink_max=4, recent_max=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    start = torch.tensor([0, 37])[:B]
+    sink = torch.tensor([4, 3])[:B]
+    recent = torch.tensor([8, 6])[:B]
+    lo, hi = start + sink, n - recent
+    selected = torch.stack([torch.stack([torch.randperm(int(hi[b] - lo[b]), generator=g)[:k_max] + lo[b]
+                                         for _ in range(Hkv)]) for b in range(B)]).int()
+    selected[0, 1, -2:] = -1  # empty slots
+    return decode_token_list(selected, start, sink, recent, n, sink_max, recent_max), (start, sink, recent, selected)
+
+
+def test_token_list_holds_sink_selected_recent_once():
+    (idx, valid), (start, sink, recent, selected) = token_list_case()
+    n = 300
+    for b in range(2):
+        for h in range(2):
+            got = sorted(idx[b, h][valid[b, h]].tolist())
+            want = list(range(int(start[b]), int(start[b] + sink[b])))
+            want += [int(t) for t in selected[b, h] if t >= 0] + list(range(n - int(recent[b]), n))
+            assert got == sorted(want) and len(set(got)) == len(got)
+
+
+def test_token_list_short_context_does_not_repeat_the_sink():
+    """Recent positions inside the sink and positions before 0 are not listed twice or at all."""
+    selected = torch.full((1, 1, 2), -1, dtype=torch.int32)
+    idx, valid = decode_token_list(selected, torch.tensor([0]), torch.tensor([4]), torch.tensor([8]), 6, 4, 8)
+    assert sorted(idx[0, 0][valid[0, 0]].tolist()) == list(range(6))
+
+
+def reference_attention(q, k, v, idx, valid, scale):
+    B, Hkv, _ = idx.shape
+    attend = torch.zeros(B, Hkv, 1, k.shape[2], dtype=torch.int32)
+    attend = attend.scatter_add_(-1, idx[:, :, None], valid[:, :, None].int()) > 0
+    return reference.masked_attention(q, k, v, attend, scale)
+
+
+@pytest.mark.parametrize("backend", ["gather", "flex"])
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backends_match_reference(backend, G, dtype):
+    (idx, valid), _ = token_list_case()
+    B, Hkv, D, L = 2, 2, 32, 384  # a buffer larger than the 300 cached tokens, as in a static cache
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    ref32 = reference_attention(q, k, v, idx, valid, D ** -0.5)
+    lp = [t.to(dtype) for t in (q, k, v)]
+    ref_lp = reference_attention(*lp, idx, valid, D ** -0.5)
+    out = sparse_decode_attention(*lp, idx, valid, D ** -0.5, backend)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_rule(out, ref_lp, ref32)
+
+
+def test_flex_block_mask_lists_exactly_the_blocks_with_tokens():
+    (idx, valid), _ = token_list_case()
+    mask = flex_block_mask(idx, valid, 4, 384, kv_block=128)
+    for b in range(2):
+        for h in range(2):
+            want = sorted({int(t) // 128 for t, ok in zip(idx[b, h], valid[b, h]) if ok})
+            num = int(mask.kv_num_blocks[b, h, 0])
+            assert sorted(mask.kv_indices[b, h, 0, :num].tolist()) == want
+    assert flex_block_mask(idx, valid, 4, 300).kv_indices.shape[-1] == 3  # a partial last block
+
+
+def test_bad_backend_and_query_length_raise():
+    (idx, valid), _ = token_list_case()
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 384, 16)
+    with pytest.raises(ValueError, match="backend 'dense' is not supported"):
+        sparse_decode_attention(q, k, k, idx, valid, 0.25, "dense")
+    with pytest.raises(ValueError, match="one query per sequence"):
+        sparse_decode_attention(torch.randn(2, 4, 2, 16), k, k, idx, valid, 0.25)
+    with pytest.raises(ValueError, match="PQConfig.backend='dense'"):
+        PQConfig(backend="dense")
+
+
+@pytest.mark.parametrize("backend", ["gather", "flex"])
+def test_index_decode_in_a_fixed_capacity_buffer_equals_growing_cache(backend):
+    """store + decode on a static buffer == append + attend on the exact-size cache, and both == reference."""
+    cfg = PQConfig(budget=48, sink_size=4, min_context=0, niter=6, backend=backend)
+    B, H, Hkv, N, D, C = 2, 8, 2, 260, 16, 384
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(B, Hkv, N + 3, D, generator=g), torch.randn(B, Hkv, N + 3, D, generator=g)
+    kv_mask = torch.arange(N)[None, :] >= torch.tensor([0, 21])[:, None]
+    grow = PQIndex.build(k[:, :, :N], cfg, kv_mask)
+    static = PQIndex.build(k[:, :, :N], cfg, kv_mask, capacity=C)
+    kbuf, vbuf = torch.zeros(B, Hkv, C, D), torch.zeros(B, Hkv, C, D)
+    kbuf[:, :, :N + 3], vbuf[:, :, :N + 3] = k, v
+    for step in range(3):
+        n = N + step + 1
+        q = torch.randn(B, H, 1, D, generator=g)
+        grow.append(k[:, :, n - 1:n])
+        static.store(kbuf, torch.tensor(n))
+        assert torch.equal(static.codes[:, :, :n], grow.codes)
+        want = grow.attend(q, k[:, :, :n], v[:, :, :n], D ** -0.5)
+        got = static.decode(q, kbuf, vbuf, torch.tensor(n), D ** -0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        plan = grow.plan(q, D ** -0.5)
+        torch.testing.assert_close(want, reference.masked_attention(q, k[:, :, :n], v[:, :, :n], plan, D ** -0.5),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_dense_decode_in_a_fixed_capacity_buffer_is_causal_sdpa():
+    cfg = PQConfig(budget=1.0)
+    B, H, Hkv, N, D, C = 2, 4, 2, 50, 16, 128
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(B, Hkv, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
+    kv_mask = torch.arange(N)[None, :] >= torch.tensor([0, 7])[:, None]
+    index = PQIndex.build(k[:, :, :N - 1], cfg, kv_mask[:, :N - 1], capacity=C)
+    kbuf, vbuf = torch.zeros(B, Hkv, C, D), torch.zeros(B, Hkv, C, D)
+    kbuf[:, :, :N], vbuf[:, :, :N] = k, v
+    q = torch.randn(B, H, 1, D, generator=g)
+    index.store(kbuf, torch.tensor(N))
+    got = index.decode(q, kbuf, vbuf, torch.tensor(N), D ** -0.5)
+    torch.testing.assert_close(got, dense_causal(q, k, v, kv_mask), atol=1e-5, rtol=1e-5)
