@@ -23,6 +23,7 @@ from torch import nn
 import transformers
 from packaging.version import Version
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -55,10 +56,11 @@ class PQLayerState:
         bound_key: weak reference to the key tensor the owning :class:`PQCache` returned for this forward.
     """
 
-    def __init__(self, config: PQConfig | None = None) -> None:
+    def __init__(self, config: PQConfig | None = None, layer: StaticLayer | None = None) -> None:
         self.config = config
         self.index: PQIndex | None = None
         self.bound_key: weakref.ref | None = None
+        self.layer = layer  # the fixed-capacity cache layer of a PQStaticCache, None for growing caches
 
     def reset(self) -> None:
         self.index, self.bound_key = None, None
@@ -175,6 +177,9 @@ def pqcache_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
     S, N = query.shape[-2], key.shape[-2]
     state = _layer_state(module, key)
     config = state.config or getattr(module, _CONFIG_ATTR, None) or PQConfig()
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if state.layer is not None:
+        return _static_forward(module, state, config, query, key, value, attention_mask, scale, dropout, kwargs)
     if S == N:  # first forward of a sequence: dense prefill, then index the prompt
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                         scaling=scaling, **kwargs)
@@ -190,8 +195,45 @@ def pqcache_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
             "and beam search are not supported)"
         )
     index.append(key[:, :, N - S:])
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     return index.attend(query, key, value, scale).transpose(1, 2).contiguous(), None
+
+
+def _static_forward(module: nn.Module, state: PQLayerState, config: PQConfig, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None, scale: float, dropout: float,
+                    kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    """pqcache attention over the fixed-capacity buffers of a :class:`PQStaticCache` layer.
+
+    The prefill (eager) attends densely over the prompt and builds the index with the buffer's capacity; each
+    decode step (one query per sequence) encodes the new key and attends its sink + top-k + recent tokens with
+    static shapes and the token count read from the device, so it compiles once and replays as a CUDA graph.
+    """
+    S, capacity = query.shape[-2], key.shape[-2]
+    if state.index is None:  # prefill: the cache held no token before this forward
+        if torch.compiler.is_compiling():
+            raise RuntimeError("pqcache: run the prefill of a PQStaticCache eagerly (generate() does); only the "
+                               "decode step compiles")
+        cached = int(state.layer.cumulative_length)
+        if cached != S:
+            raise NotImplementedError(
+                f"pqcache layer {module.layer_idx}: a PQStaticCache must be prefilled in one forward from empty "
+                f"(it holds {cached} tokens after a forward of {S}); call cache.reset() before a new sequence"
+            )
+        mask = None if attention_mask is None else attention_mask[..., :S]
+        out, _ = sdpa_attention_forward(module, query, key[:, :, :S], value[:, :, :S], mask, dropout=dropout,
+                                        scaling=scale, **kwargs)
+        state.index = PQIndex.build(key[:, :, :S], config, _padding_mask(mask), capacity=capacity)
+        for buffer in state.index.buffers():
+            torch._dynamo.mark_static_address(buffer)
+        return out, None
+    if S != 1:
+        raise NotImplementedError(
+            f"pqcache layer {module.layer_idx}: after the prefill a PQStaticCache decodes one token per forward, "
+            f"got {S}"
+        )
+    n = state.layer.cumulative_length  # tokens cached, the new one included (a device scalar)
+    state.index.store(key, n)
+    out = state.index.decode(query, key, value, n, scale)
+    return out.transpose(1, 2), None
 
 
 class PQCache(DynamicCache):
@@ -236,6 +278,58 @@ class PQCache(DynamicCache):
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("PQCache does not support cropping (assisted generation)")
+
+
+class PQStaticCache(Cache):
+    """Fixed-capacity cache for compiled decoding: ``generate(..., past_key_values=PQStaticCache(model, 40_000))``.
+
+    Like transformers' ``StaticCache`` it preallocates keys and values ``[B, Hkv, capacity, D]`` at the first
+    forward and writes each step in place; it also owns the PQ state of every layer (codes for the whole capacity,
+    centroids, budgets). Its decode step has static shapes and no host synchronization, so ``generate`` compiles
+    it (on CUDA, with CUDA graphs: transformers compiles decoding automatically for this cache class). The prefill
+    must be one forward from empty; call :meth:`reset` before reusing the cache for a new batch.
+
+    Args:
+        model: the model it serves (attention implementation ``"pqcache"``).
+        max_cache_len: tokens to hold per sequence (prompt + new tokens); rounded up to a multiple of 128.
+        config: PQ settings; default: what :func:`configure` set on the model, else ``PQConfig()``.
+    """
+
+    def __init__(self, model: nn.Module, max_cache_len: int, config: PQConfig | None = None) -> None:
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
+        modules = _attention_modules(model)
+        for module in modules:
+            check_supported(module)
+        self.pq_config = get_config(model) if config is None else config
+        if not isinstance(self.pq_config, PQConfig):
+            raise TypeError(f"config must be a pqflex.PQConfig, got {type(self.pq_config).__name__}")
+        capacity = -(-max_cache_len // 128) * 128
+        layers = [StaticLayer(capacity) for _ in range(max(m.layer_idx for m in modules) + 1)]
+        super().__init__(layers=layers)
+        self._modules = {m.layer_idx: weakref.ref(m) for m in modules}
+        self.pq_layers = [PQLayerState(self.pq_config, layer) for layer in layers]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        module = self._modules[layer_idx]()
+        if module is not None and not torch.compiler.is_compiling():  # bound at prefill; decode steps reuse it
+            state = self.pq_layers[layer_idx]
+            state.bound_key = weakref.ref(keys)
+            setattr(module, _BOUND_ATTR, weakref.ref(state))
+        return keys, values
+
+    def reset(self) -> None:
+        super().reset()
+        for state in self.pq_layers:
+            state.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("PQStaticCache does not support beam search (reorder_cache)")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("PQStaticCache does not support cropping (assisted generation)")
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, pqcache_attention_forward)

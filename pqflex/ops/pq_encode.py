@@ -103,7 +103,8 @@ def pq_encode_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """``torch.ops.pqflex.pq_encode``: Triton on CUDA, reference on the CPU."""
     _check(x, centroids)
-    if triton is None or centroids.shape[2] < 16:
+    # The device test also keeps torch.compile on the CPU tracing the reference instead of Triton kernels.
+    if triton is None or x.device.type != "cuda" or centroids.shape[2] < 16:
         return pq_encode_reference(x, centroids)
     return pq_encode_triton(x, centroids)
 

@@ -230,7 +230,8 @@ def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi:
     """``torch.ops.pqflex.pq_select``: Triton on CUDA (reference beyond 12 code bits), reference on the CPU."""
     _check(ip_table, codes, lo, hi, topk, k_max)
     M, ksub = ip_table.shape[-2:]
-    if triton is None or M * (ksub.bit_length() - 1) > MAX_CELL_BITS:
+    # The device test also keeps torch.compile on the CPU tracing the reference instead of Triton kernels.
+    if triton is None or codes.device.type != "cuda" or M * (ksub.bit_length() - 1) > MAX_CELL_BITS:
         return pq_select_reference(ip_table, codes, lo, hi, topk, k_max, scale)
     return pq_select_triton(ip_table, codes, lo, hi, topk, k_max, scale)
 
