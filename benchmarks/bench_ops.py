@@ -18,6 +18,7 @@ import torch
 import triton
 import transformers
 
+from pqflex.bench import graph_time_us
 from pqflex.ops import reference
 from pqflex.ops.kmeans import kmeans_triton
 from pqflex.ops.pq_select import pq_select_reference, pq_select_triton
@@ -26,29 +27,6 @@ from pqflex.quantizer import ProductQuantizer
 B, HKV, G, D, M, NBITS = 1, 8, 4, 128, 2, 6
 SINK, SCALE = 32, D ** -0.5
 DENSE_PREFILL_S = {32768: 1.40, 131072: 11.7}  # Llama-3.1-8B, H100, transformers SDPA (issue #4)
-
-
-def graph_time_us(fn, replays: int = 200) -> float:
-    """Median time of one call, from CUDA-graph replays of 10 calls each."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
-    times = []
-    for _ in range(replays // 10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / 10)
-    return sorted(times)[len(times) // 2]
 
 
 def eager_time_us(fn) -> float:

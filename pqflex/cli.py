@@ -15,6 +15,16 @@ def _budget(text: str) -> float | int:
     return int(value) if value > 1 else value
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pqflex", description="PQCache retrieval attention")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,8 +39,36 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--synthetic", action="store_true",
                       help="no model: PQ retrieval on synthetic keys of Llama-3.1-8B's attention shape")
+
+    bench = sub.add_parser("bench", help="decode speed (TTFT, TPOT, attention per layer) vs dense attention",
+                           description="Random-weight models of real shapes; see pqflex/bench.py and BENCHMARKS.md")
+    bench.add_argument("--preset", default="llama-3.1-8b",
+                       help="model shape: llama-3.1-8b, mistral-7b, qwen2.5-7b, smollm2-135m or tiny (CPU smoke)")
+    bench.add_argument("--contexts", type=_ints, default=[8192, 32768], help="prompt lengths, comma-separated")
+    bench.add_argument("--batch", type=_ints, default=[1], help="batch sizes, comma-separated")
+    bench.add_argument("--budget", type=_budget, default=0.1, help="pqcache budget (tokens or fraction)")
+    bench.add_argument("--methods", type=lambda t: t.split(","), default=["pqcache", "pqflex-dense", "sdpa-static",
+                                                                         "sdpa"],
+                       help="comma-separated: pqcache, pqflex-dense, sdpa-static, sdpa")
+    bench.add_argument("--backend", default="gather", choices=["gather", "flex"], help="pqcache attention backend")
+    bench.add_argument("--new-tokens", type=int, default=32, help="timed decode steps (default 32)")
+    bench.add_argument("--warmup", type=int, default=5, help="decode steps before timing (compile, CUDA graphs)")
+    bench.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                       help="default: bf16 on CUDA, fp32 on the CPU")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--no-layer-attention", action="store_true", help="skip the per-layer attention timing")
+    bench.add_argument("--json", default=None, help="write the results to this JSON file")
+    bench.add_argument("--plot", default=None, help="write a PNG of TPOT vs context (needs matplotlib)")
+    bench.add_argument("--from-json", default=None, help="print (and --plot) the results of an earlier --json")
     args = parser.parse_args(argv)
 
+    if args.command == "bench":
+        from pqflex import bench as benchmark
+
+        if args.dtype is None:
+            cuda = (args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")).startswith("cuda")
+            args.dtype = "bf16" if cuda else "fp32"
+        return benchmark.main(args)
     if args.command == "demo":
         from pqflex import demo as demos
 

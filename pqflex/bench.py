@@ -1,0 +1,284 @@
+"""``pqflex bench``: decode speed of pqcache against dense attention on random-weight models of real shapes.
+
+Speed does not depend on the weights, so each preset builds its model from a config (no download). Methods:
+
+- ``pqcache``: attention ``"pqcache"`` with a :class:`pqflex.PQStaticCache`, decode step compiled;
+- ``pqflex-dense``: the same machinery with ``budget=1.0`` (every token attended);
+- ``sdpa-static``: transformers' SDPA with its ``StaticCache``, decode step compiled;
+- ``sdpa``: transformers' SDPA with its ``DynamicCache``, eager.
+
+Compiled steps use ``torch.compile(fullgraph=True, dynamic=False)``, with CUDA graphs (``mode="reduce-overhead"``)
+on CUDA. Reported: TTFT (the prefill forward, index build included), TPOT (median of the timed decode steps after
+the warm-up steps), the decode attention time of one layer at that context (a CUDA-graphed micro-benchmark of the
+method's attention step; dense SDPA for the sdpa methods), peak GPU memory, card and versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("pqcache", "pqflex-dense", "sdpa-static", "sdpa")
+COMPILED = {"pqcache", "pqflex-dense", "sdpa-static"}
+
+_COMMON = dict(hidden_act="silu", rms_norm_eps=1e-5, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-3.1-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                   head_dim=128, max_position_embeddings=131072, rope_theta=500000.0)),
+    "mistral-7b": ("mistral", dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                   head_dim=128, max_position_embeddings=131072, rope_theta=1000000.0,
+                                   sliding_window=None)),
+    "qwen2.5-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                 max_position_embeddings=131072, rope_theta=1000000.0, use_sliding_window=False)),
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                   num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                   head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
+                                   tie_word_embeddings=True)),
+    "tiny": ("llama", dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                           max_position_embeddings=16384)),
+}
+
+
+@dataclasses.dataclass
+class Result:
+    preset: str
+    method: str
+    batch: int
+    context: int
+    budget: float | int
+    ttft_s: float
+    tpot_ms: float
+    attn_layer_us: float | None
+    peak_gib: float | None
+    steps: int
+
+
+def model_config(preset: str):
+    """The transformers config of a preset (raises ``ValueError`` naming the allowed presets)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)}")
+    from transformers import AutoConfig
+
+    model_type, fields = PRESETS[preset]
+    return AutoConfig.for_model(model_type, **_COMMON, **fields)
+
+
+def build_model(preset: str, attn: str, dtype: torch.dtype, device: str):
+    """A random-weight model of the preset's shape, built directly on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(preset), attn_implementation=attn, dtype=dtype)
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def graph_time_us(fn, replays: int = 200) -> float:
+    """Median time of one call of ``fn`` on CUDA, from CUDA-graph replays of 10 calls each."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            fn()
+    times = []
+    for _ in range(replays // 10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / 10)
+    return statistics.median(times)
+
+
+def layer_attention_us(preset: str, method: str, batch: int, context: int, budget, dtype: torch.dtype,
+                       backend: str) -> float:
+    """Decode attention time of one layer at ``context`` tokens (CUDA only): the method's whole attention step."""
+    from pqflex import PQConfig, PQIndex
+
+    cfg = model_config(preset)
+    Hkv, H = cfg.num_key_value_heads, cfg.num_attention_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    cap = -(-(context + 1) // 128) * 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, H, 1, D, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(batch, Hkv, cap, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(batch, Hkv, cap, D, device="cuda", dtype=dtype, generator=g)
+    scale = D ** -0.5
+    if method.startswith("sdpa"):
+        kk, vv = k[:, :, :context], v[:, :, :context]
+        return graph_time_us(lambda: F.scaled_dot_product_attention(q, kk, vv, scale=scale, enable_gqa=True))
+    pq = PQConfig(budget=1.0 if method == "pqflex-dense" else budget, niter=10, backend=backend)
+    index = PQIndex.build(k[:, :, :context - 1], pq, capacity=cap)
+    n = torch.tensor(context, device="cuda")
+
+    def step():
+        index.store(k, n)
+        return index.decode(q, k, v, n, scale)
+
+    return graph_time_us(torch.compile(step, fullgraph=True, dynamic=False))
+
+
+def run_method(preset: str, method: str, batch: int, context: int, budget, new_tokens: int, warmup: int,
+               dtype: torch.dtype, device: str, backend: str = "gather", model=None) -> Result:
+    """Prefill ``context`` random tokens, then decode ``warmup + new_tokens`` steps; time TTFT and TPOT."""
+    import pqflex
+    from pqflex.integrations.transformers import CACHE_KWARG
+    from transformers import DynamicCache, StaticCache
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {METHODS}")
+    attn = "pqcache" if method in ("pqcache", "pqflex-dense") else "sdpa"
+    model = model if model is not None else build_model(preset, attn, dtype, device)
+    capacity = context + warmup + new_tokens + 1
+    if attn == "pqcache":
+        pq = pqflex.PQConfig(budget=1.0 if method == "pqflex-dense" else budget, backend=backend)
+        pqflex.configure(model, pq)
+        cache = pqflex.PQStaticCache(model, capacity)
+    elif method == "sdpa-static":
+        cache = StaticCache(config=model.config, max_cache_len=capacity)
+    else:
+        cache = DynamicCache(config=model.config)
+    forward = model.forward
+    if method in COMPILED:
+        mode = "reduce-overhead" if device.startswith("cuda") else None
+        forward = torch.compile(model.forward, fullgraph=True, dynamic=False, mode=mode)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = model(ids, **{CACHE_KWARG: cache}, logits_to_keep=1).logits
+        _sync(device)
+        ttft = time.perf_counter() - t0
+        token = logits[:, -1:].argmax(-1)
+        times = []
+        for step in range(warmup + new_tokens):
+            if method in COMPILED and device.startswith("cuda"):
+                torch.compiler.cudagraph_mark_step_begin()
+            _sync(device)
+            t0 = time.perf_counter()
+            logits = forward(token, **{CACHE_KWARG: cache}, logits_to_keep=1).logits
+            token = logits[:, -1:].argmax(-1)
+            _sync(device)
+            if step >= warmup:
+                times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
+    shown = budget if method == "pqcache" else 1.0
+    return Result(preset, method, batch, context, shown, ttft, statistics.median(times) * 1e3, None, peak,
+                  len(times))
+
+
+def environment(device: str) -> dict[str, str]:
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    if device.startswith("cuda"):
+        env["card"] = torch.cuda.get_device_name()
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        env["card"] = f"CPU ({platform.processor() or platform.machine()})"
+    return env
+
+
+def table(results: list[Result]) -> str:
+    head = "| preset | method | batch | context | budget | TTFT s | TPOT ms | attn µs/layer | peak GiB |"
+    lines = [head, "|" + "---|" * 9]
+    for r in results:
+        attn = "-" if r.attn_layer_us is None else f"{r.attn_layer_us:.1f}"
+        peak = "-" if r.peak_gib is None else f"{r.peak_gib:.1f}"
+        lines.append(f"| {r.preset} | {r.method} | {r.batch} | {r.context} | {r.budget} | {r.ttft_s:.3f} | "
+                     f"{r.tpot_ms:.2f} | {attn} | {peak} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    """PNG of TPOT vs context, one line per (method, batch)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from e
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(r["method"], r["batch"]) for r in results}):
+        pts = sorted((r["context"], r["tpot_ms"]) for r in results if (r["method"], r["batch"]) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} (batch {key[1]})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("TPOT (ms)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(args) -> int:
+    """Entry point of ``pqflex bench`` (arguments parsed in :mod:`pqflex.cli`)."""
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        results = [Result(**r) for r in data["results"]]
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        model_config(args.preset)  # bad preset names raise before any work
+        for method in args.methods:
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; allowed: {METHODS}")
+        results, models = [], {}
+        for batch in args.batch:
+            for context in args.contexts:
+                for method in args.methods:
+                    attn = "pqcache" if method in ("pqcache", "pqflex-dense") else "sdpa"
+                    if attn not in models:  # one model per attention implementation, reused across runs
+                        models.clear()
+                        torch._dynamo.reset()
+                        models[attn] = build_model(args.preset, attn, dtype, device)
+                    r = run_method(args.preset, method, batch, context, args.budget, args.new_tokens, args.warmup,
+                                   dtype, device, args.backend, model=models[attn])
+                    if device.startswith("cuda") and not args.no_layer_attention:
+                        r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, args.budget,
+                                                             dtype, args.backend)
+                    results.append(r)
+                    print(table([r]).splitlines()[-1], flush=True)
+                    data = {"environment": environment(device), "dtype": args.dtype, "backend": args.backend,
+                            "results": [dataclasses.asdict(r) for r in results]}
+                    if args.json:  # rewritten after every run, so a long sweep keeps what it measured
+                        with open(args.json, "w") as f:
+                            json.dump(data, f, indent=1)
+    print(table(results))
+    print(" ".join(f"{k}={v}" for k, v in data["environment"].items()))
+    if args.plot:
+        plot(data["results"], args.plot)
+    return 0

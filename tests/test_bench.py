@@ -1,0 +1,39 @@
+"""`pqflex bench` smoke test on the CPU: the tiny preset, every method, JSON and table output."""
+
+import json
+
+import pytest
+
+from pqflex import bench
+from pqflex.cli import main
+
+
+def test_bench_tiny_preset_runs_every_method(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--contexts", "1200", "--new-tokens", "2", "--warmup", "1",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["results"]] == list(bench.METHODS)
+    for r in data["results"]:
+        assert r["context"] == 1200 and r["steps"] == 2 and r["tpot_ms"] > 0 and r["ttft_s"] > 0
+    assert [r["budget"] for r in data["results"]] == [0.1, 1.0, 1.0, 1.0]
+    assert data["environment"]["torch"] and "| tiny | pqcache | 1 | 1200 |" in capsys.readouterr().out
+    assert main(["bench", "--from-json", str(out)]) == 0  # re-print an earlier run
+
+
+def test_bench_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown preset 'llama-9'"):
+        main(["bench", "--preset", "llama-9", "--contexts", "1200"])
+    with pytest.raises(ValueError, match="unknown method 'flash'"):
+        main(["bench", "--preset", "tiny", "--methods", "pqcache,flash"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--contexts", "8k"])
+
+
+@pytest.mark.parametrize("preset", sorted(bench.PRESETS))
+def test_presets_have_real_shapes(preset):
+    cfg = bench.model_config(preset)
+    assert cfg.num_attention_heads % cfg.num_key_value_heads == 0
+    if preset == "llama-3.1-8b":
+        assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
+            32, 32, 8, 128)
