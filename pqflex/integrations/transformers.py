@@ -25,7 +25,7 @@ from packaging.version import Version
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from pqflex.config import PQConfig
 from pqflex.index import PQIndex
@@ -332,6 +332,20 @@ class PQStaticCache(Cache):
         raise NotImplementedError("PQStaticCache does not support cropping (assisted generation)")
 
 
+def pqcache_mask(**kwargs: Any) -> torch.Tensor | None:
+    """transformers mask function of ``"pqcache"``: sdpa's mask, or None for an unpadded causal prefill.
+
+    The prefill runs sdpa and reads the left padding from this mask; decode steps take the padding from the index
+    and ignore it. An eager forward of several queries without padding gets None (causal SDPA), so a long prefill
+    into a fixed-capacity cache never materializes a ``[B, 1, S, capacity]`` mask.
+    """
+    padding = kwargs.get("attention_mask")
+    if (kwargs.get("q_length", 1) > 1 and kwargs.get("mask_function") is causal_mask_function
+            and kwargs.get("kv_offset", 0) == 0 and not torch.compiler.is_compiling()
+            and (padding is None or bool(padding.all()))):
+        return None
+    return sdpa_mask(**kwargs)
+
+
 AttentionInterface.register(ATTN_IMPLEMENTATION, pqcache_attention_forward)
-# The mask is sdpa's: prefill runs sdpa, and the decode step reads the padding from the same 4-D mask.
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, pqcache_mask)
