@@ -129,7 +129,7 @@ if triton is not None:
             for m in tl.static_range(M):
                 c = (cells >> (NBITS * m)) & ((1 << NBITS) - 1)
                 s += tl.load(ip_bh + g * s_ip_g + m * s_ip_m + c).to(tl.float32)
-            s = tl.where(present, s * scale.to(tl.float32), float("-inf"))  # scale arrives as fp64 under inductor
+            s = tl.where(present, (s * scale).to(tl.float32), float("-inf"))  # scale arrives as fp64 under inductor
             s_max = tl.maximum(tl.max(s, axis=0), -1e30)
             e = tl.exp(s - s_max)
             z = tl.maximum(tl.sum(hist.to(tl.float32) * e, axis=0), 1e-30)
