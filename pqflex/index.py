@@ -47,14 +47,17 @@ class PQIndex:
         codes: ``[B, Hkv, N, M]`` uint8, one row per cached token (sink, recent and padding rows are unused).
         start: ``[B]`` first valid position; ``sink``, ``recent``, ``topk``: ``[B]`` per-sequence budgets.
         k_max: the largest ``topk`` of the batch, the static width of a selection.
+        sink_max, recent_max: the largest ``sink`` and ``recent`` of the batch.
+        full_lists: every sequence has the same sparse budget, so every slot of a decode step's token list is
+            a real token (there are always more candidates than ``topk``) and attention needs no mask.
     """
 
     def __init__(self, config: PQConfig, quantizer: ProductQuantizer, codes: torch.Tensor, start: torch.Tensor,
                  sink: torch.Tensor, recent: torch.Tensor, topk: torch.Tensor, k_max: int, sink_max: int,
-                 recent_max: int) -> None:
+                 recent_max: int, full_lists: bool = False) -> None:
         self.config, self.quantizer, self.codes = config, quantizer, codes
         self.start, self.sink, self.recent, self.topk, self.k_max = start, sink, recent, topk, k_max
-        self.sink_max, self.recent_max = sink_max, recent_max
+        self.sink_max, self.recent_max, self.full_lists = sink_max, recent_max, full_lists
 
     @property
     def num_tokens(self) -> int:
@@ -96,7 +99,8 @@ class PQIndex:
                 raise ValueError(f"capacity={capacity} is smaller than the prompt ({N} tokens)")
             codes = torch.cat([codes, codes.new_zeros(B, Hkv, capacity - N, config.M)], dim=-2)
         return cls(config, pq, codes, start, sink, recent, topk, k_max=max(b.topk for b in budgets),
-                   sink_max=max(b.sink_size for b in budgets), recent_max=max(b.recent_size for b in budgets))
+                   sink_max=max(b.sink_size for b in budgets), recent_max=max(b.recent_size for b in budgets),
+                   full_lists=len(set(budgets)) == 1 and not budgets[0].dense)
 
     def append(self, key: torch.Tensor) -> None:
         """Encode new keys ``[B, Hkv, S, D]`` with the existing centroids; they become cached tokens."""
@@ -139,7 +143,7 @@ class PQIndex:
             return out.reshape(query.shape)
         idx, valid = decode_token_list(self.select(query, n, scale), self.start, self.sink, self.recent, n,
                                        self.sink_max, min(self.recent_max, C))
-        return sparse_decode_attention(query, key, value, idx, valid, scale, self.config.backend)
+        return sparse_decode_attention(query, key, value, idx, valid, scale, self.config.backend, self.full_lists)
 
     def plan(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Which cached tokens each query attends, per KV head.

@@ -60,18 +60,22 @@ def _pack_query(query: torch.Tensor, Hkv: int) -> torch.Tensor:
 
 
 def gather_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
-                     valid: torch.Tensor, scale: float) -> torch.Tensor:
+                     valid: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Attention ``[B, H, 1, D]`` over the listed tokens, through a compact copy of their keys and values.
 
     Args:
         query: ``[B, H, 1, D]``; key, value: ``[B, Hkv, L, D]``; idx, valid: ``[B, Hkv, T]`` from
-            :func:`decode_token_list`.
+            :func:`decode_token_list`. ``valid=None`` states that every listed token is real (a batch whose
+            sequences share one sparse budget): SDPA then runs unmasked, on its fast decode kernels.
     """
     B, Hkv, T = idx.shape
     D = key.shape[-1]
-    q = _pack_query(query, Hkv)
+    _pack_query(query, Hkv)  # checks S == 1
     rows = idx[..., None].expand(B, Hkv, T, D)
     k, v = key.gather(2, rows), value.gather(2, rows)
+    if valid is None:
+        return F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True)
+    q = _pack_query(query, Hkv)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, :, None, :], scale=scale)
     return out.reshape(query.shape)
 
@@ -113,10 +117,15 @@ def flex_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 
 def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
-                            valid: torch.Tensor, scale: float, backend: str = "gather") -> torch.Tensor:
-    """Exact attention ``[B, H, 1, D]`` of one query per sequence over the tokens of :func:`decode_token_list`."""
+                            valid: torch.Tensor, scale: float, backend: str = "gather",
+                            all_valid: bool = False) -> torch.Tensor:
+    """Exact attention ``[B, H, 1, D]`` of one query per sequence over the tokens of :func:`decode_token_list`.
+
+    ``all_valid=True`` promises that ``valid`` is all True (see :attr:`pqflex.PQIndex.full_lists`), which lets
+    the gather backend skip the mask.
+    """
     if backend == "gather":
-        return gather_attention(query, key, value, idx, valid, scale)
+        return gather_attention(query, key, value, idx, None if all_valid else valid, scale)
     if backend == "flex":
         return flex_sparse_attention(query, key, value, idx, valid, scale)
     raise ValueError(f"sparse attention backend {backend!r} is not supported; allowed: {ATTENTION_BACKENDS}")

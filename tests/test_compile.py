@@ -98,7 +98,7 @@ def test_static_cache_errors():
 @pytest.mark.parametrize("backend", ["gather", "flex"])
 def test_cuda_generate_compiles_with_cuda_graphs(backend):
     """On CUDA, generate() auto-compiles (reduce-overhead: CUDA graphs) and gives the eager tokens."""
-    pq = make("llama").cuda()
+    pq = make("qwen3").cuda()  # head dim 16: FlexAttention's smallest
     cfg = SPARSE.replace(backend=backend)
     pqflex.configure(pq, cfg)
     ids = prompt(300, batch=2).cuda()

@@ -125,3 +125,20 @@ def test_dense_decode_in_a_fixed_capacity_buffer_is_causal_sdpa():
     index.store(kbuf, torch.tensor(N))
     got = index.decode(q, kbuf, vbuf, torch.tensor(N), D ** -0.5)
     torch.testing.assert_close(got, dense_causal(q, k, v, kv_mask), atol=1e-5, rtol=1e-5)
+
+
+def test_full_lists_means_every_slot_is_real():
+    """A shared sparse budget fills every slot (more candidates than top-k), so the unmasked path is exact."""
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(2, 2, 400, 16, generator=g), torch.randn(2, 2, 400, 16, generator=g)
+    kv_mask = torch.arange(399)[None, :] >= torch.tensor([0, 30])[:, None]
+    index = PQIndex.build(k[:, :, :399], PQConfig(budget=48, sink_size=4, min_context=0, niter=4), kv_mask)
+    assert index.full_lists
+    q = torch.randn(2, 8, 1, 16, generator=g)
+    idx, valid = decode_token_list(index.select(q, 400, 0.25), index.start, index.sink, index.recent, 400,
+                                   index.sink_max, index.recent_max)
+    assert valid.all() and valid.shape[-1] == 48
+    masked = sparse_decode_attention(q, k, v, idx, valid, 0.25, "gather")
+    torch.testing.assert_close(sparse_decode_attention(q, k, v, idx, valid, 0.25, "gather", all_valid=True), masked)
+    ratio = PQIndex.build(k[:, :, :399], PQConfig(budget=0.2, sink_size=4, min_context=200, niter=4), kv_mask)
+    assert not ratio.full_lists  # budgets of 79 and 73 tokens: padded slots in the shorter row
