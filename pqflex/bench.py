@@ -113,8 +113,11 @@ def graph_time_us(fn, replays: int = 200) -> float:
 
 
 def layer_attention_us(preset: str, method: str, batch: int, context: int, budget, dtype: torch.dtype,
-                       backend: str) -> float:
-    """Decode attention time of one layer at ``context`` tokens (CUDA only): the method's whole attention step."""
+                       options: dict[str, Any] | None = None) -> float:
+    """Decode attention time of one layer at ``context`` tokens (CUDA only): the method's whole attention step.
+
+    ``options``: further :class:`pqflex.PQConfig` settings of the pqcache methods (backend, selection, ...).
+    """
     from pqflex import PQConfig, PQIndex
 
     cfg = model_config(preset)
@@ -129,7 +132,7 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
     if method.startswith("sdpa"):
         kk, vv = k[:, :, :context], v[:, :, :context]
         return graph_time_us(lambda: F.scaled_dot_product_attention(q, kk, vv, scale=scale, enable_gqa=True))
-    pq = PQConfig(budget=1.0 if method == "pqflex-dense" else budget, niter=10, backend=backend)
+    pq = PQConfig(budget=1.0 if method == "pqflex-dense" else budget, niter=10, **(options or {}))
     index = PQIndex.build(k[:, :, :context - 1], pq, capacity=cap)
     n = torch.tensor(context, device="cuda")
 
@@ -141,7 +144,7 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
 
 
 def run_method(preset: str, method: str, batch: int, context: int, budget, new_tokens: int, warmup: int,
-               dtype: torch.dtype, device: str, backend: str = "gather", model=None) -> Result:
+               dtype: torch.dtype, device: str, options: dict[str, Any] | None = None, model=None) -> Result:
     """Prefill ``context`` random tokens, then decode ``warmup + new_tokens`` steps; time TTFT and TPOT."""
     import pqflex
     from pqflex.integrations.transformers import CACHE_KWARG
@@ -153,7 +156,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
     model = model if model is not None else build_model(preset, attn, dtype, device)
     capacity = context + warmup + new_tokens + 1
     if attn == "pqcache":
-        pq = pqflex.PQConfig(budget=1.0 if method == "pqflex-dense" else budget, backend=backend)
+        pq = pqflex.PQConfig(budget=1.0 if method == "pqflex-dense" else budget, **(options or {}))
         pqflex.configure(model, pq)
         cache = pqflex.PQStaticCache(model, capacity)
     elif method == "sdpa-static":
@@ -247,6 +250,8 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 
 def main(args) -> int:
     """Entry point of ``pqflex bench`` (arguments parsed in :mod:`pqflex.cli`)."""
+    from pqflex import PQConfig
+
     if args.from_json:
         with open(args.from_json) as f:
             data = json.load(f)
@@ -258,6 +263,8 @@ def main(args) -> int:
         for method in args.methods:
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; allowed: {METHODS}")
+        options = dict(backend=args.backend, selection=args.selection, block_size=args.block_size)
+        PQConfig(**options)  # bad settings raise before any work
         results, models = [], {}
         for batch in args.batch:
             for context in args.contexts:
@@ -268,13 +275,13 @@ def main(args) -> int:
                         torch._dynamo.reset()
                         models[attn] = build_model(args.preset, attn, dtype, device)
                     r = run_method(args.preset, method, batch, context, args.budget, args.new_tokens, args.warmup,
-                                   dtype, device, args.backend, model=models[attn])
+                                   dtype, device, options, model=models[attn])
                     if device.startswith("cuda") and not args.no_layer_attention:
                         r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, args.budget,
-                                                             dtype, args.backend)
+                                                             dtype, options)
                     results.append(r)
                     print(table([r]).splitlines()[-1], flush=True)
-                    data = {"environment": environment(device), "dtype": args.dtype, "backend": args.backend,
+                    data = {"environment": environment(device), "dtype": args.dtype, **options,
                             "results": [dataclasses.asdict(r) for r in results]}
                     if args.json:  # rewritten after every run, so a long sweep keeps what it measured
                         with open(args.json, "w") as f:

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                          "sdpa"],
                        help="comma-separated: pqcache, pqflex-dense, sdpa-static, sdpa")
     bench.add_argument("--backend", default="gather", choices=["gather", "flex"], help="pqcache attention backend")
+    bench.add_argument("--selection", default="token", choices=["token", "block"], help="pqcache selection")
+    bench.add_argument("--block-size", type=int, default=64, help="tokens per block of --selection block")
     bench.add_argument("--new-tokens", type=int, default=32, help="timed decode steps (default 32)")
     bench.add_argument("--warmup", type=int, default=5, help="decode steps before timing (compile, CUDA graphs)")
     bench.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],

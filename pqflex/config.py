@@ -16,6 +16,7 @@ DENSE_WINDOW = 1 << 40
 
 KMEANS_DEVICES = ("auto", "cpu")
 ATTENTION_BACKENDS = ("gather", "flex")  # see pqflex.sparse
+SELECTIONS = ("token", "block")  # see pqflex.index
 
 
 class Budget(NamedTuple):
@@ -70,6 +71,10 @@ class PQConfig:
         kmeans_device: ``"auto"`` trains where the keys are; ``"cpu"`` trains on the CPU.
         backend: how a decode step attends its tokens: ``"gather"`` (compact copy + SDPA, the default: fastest in
             BENCHMARKS.md) or ``"flex"`` (FlexAttention with a block mask; fast only under ``torch.compile``).
+        selection: what a decode step selects: ``"token"`` (the exact top-k tokens by PQ score, PQCache's rule) or
+            ``"block"`` (the ``topk // block_size`` whole blocks of ``block_size`` middle tokens that hold the most
+            PQ-estimated attention mass; cheaper to select, coarser; the top-k budget rounds down to whole blocks).
+        block_size: tokens per block of ``selection="block"``.
     """
 
     M: int = 2
@@ -83,6 +88,8 @@ class PQConfig:
     tol: float = 0.0
     kmeans_device: Literal["auto", "cpu"] = "auto"
     backend: Literal["gather", "flex"] = "gather"
+    selection: Literal["token", "block"] = "token"
+    block_size: int = 64
 
     def __post_init__(self) -> None:
         _check_int("M", self.M, 1)
@@ -103,6 +110,9 @@ class PQConfig:
             raise ValueError(f"PQConfig.kmeans_device={self.kmeans_device!r}; allowed: {KMEANS_DEVICES}")
         if self.backend not in ATTENTION_BACKENDS:
             raise ValueError(f"PQConfig.backend={self.backend!r}; allowed: {ATTENTION_BACKENDS}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"PQConfig.selection={self.selection!r}; allowed: {SELECTIONS}")
+        _check_int("block_size", self.block_size, 1, 4096)
         # The budget must leave room for sink + 1 recent + 1 top-k token at the shortest sparse context.
         smallest = self.budget if isinstance(self.budget, int) else int(self.budget * self.min_context)
         dense_only = isinstance(self.budget, float) and self.budget == 1.0

@@ -38,6 +38,42 @@ def left_padding_start(kv_mask: torch.Tensor | None, B: int, N: int, device: tor
     return start.to(device)
 
 
+def select_blocks(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  topk: torch.Tensor, k_max: int, block: int, scale: float) -> torch.Tensor:
+    """Block-granular selection: the tokens of the ``topk // block`` blocks with the most estimated attention mass.
+
+    Blocks are the aligned ranges ``[j * block, (j + 1) * block)``; a block is a candidate when all of its tokens
+    lie in ``[lo, hi)``. A block's mass is the sum over its tokens of the GQA-aggregated softmax of the PQ scores
+    (:func:`pqflex.ops.reference.gqa_scores` over the candidate tokens), so the chosen blocks carry the most
+    approximate attention among whole blocks. Plain torch: a few fused kernels under ``torch.compile``.
+
+    Args:
+        ip_table: ``[B, Hkv, G, M, ksub]``; codes: ``[B, Hkv, N, M]``; lo, hi, topk: ``[B]`` int64.
+        k_max: the largest ``topk``; the result holds ``k_max // block`` blocks.
+        block: tokens per block; scale: softmax scale.
+
+    Returns:
+        ``[B, Hkv, (k_max // block) * block]`` int32 token positions, ``-1`` for empty slots.
+    """
+    B, Hkv, N, _ = codes.shape
+    nblk, slots = N // block, k_max // block
+    k = min(slots, nblk)
+    if k == 0:
+        return torch.full((B, Hkv, slots * block), -1, dtype=torch.int32, device=codes.device)
+    pos = torch.arange(nblk * block, device=codes.device)
+    candidates = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, :]  # [B, 1, nblk * block]
+    scores = reference.adc_scores(ip_table, codes[:, :, :nblk * block]) * scale  # [B, Hkv, G, nblk * block]
+    probs = reference.gqa_scores(scores[:, :, :, None], candidates)[:, :, 0].clamp(min=0)  # [B, Hkv, nblk * block]
+    first = pos[::block]  # [nblk]
+    whole = (first >= lo[:, None]) & (first + block <= hi[:, None])  # [B, nblk]
+    mass = probs.view(B, Hkv, nblk, block).sum(-1).masked_fill(~whole[:, None], -1.0)
+    value, order = mass.topk(k, dim=-1)  # [B, Hkv, k]
+    ok = (value >= 0) & (torch.arange(k, device=codes.device) < (topk // block)[:, None, None])
+    tokens = order[..., None] * block + torch.arange(block, device=codes.device)  # [B, Hkv, k, block]
+    out = torch.where(ok[..., None], tokens, -1).flatten(-2).to(torch.int32)
+    return F.pad(out, (0, (slots - k) * block), value=-1)
+
+
 class PQIndex:
     """PQ index of one layer over ``[B, Hkv, N, D]`` keys.
 
@@ -82,7 +118,8 @@ class PQIndex:
         """
         B, Hkv, N, D = key.shape
         start = left_padding_start(kv_mask, B, N, key.device)
-        budgets = [config.resolve_budget(n) for n in (N - start).tolist()]
+        lengths = (N - start).tolist()
+        budgets = [config.resolve_budget(n) for n in lengths]
         sink, recent, topk = (torch.tensor(col, dtype=torch.long, device=key.device) for col in
                               list(zip(*budgets))[:3])
         pos = torch.arange(N, device=key.device)
@@ -98,9 +135,14 @@ class PQIndex:
             if capacity < N:
                 raise ValueError(f"capacity={capacity} is smaller than the prompt ({N} tokens)")
             codes = torch.cat([codes, codes.new_zeros(B, Hkv, capacity - N, config.M)], dim=-2)
+        full_lists = len(set(budgets)) == 1 and not budgets[0].dense
+        if config.selection == "block" and full_lists:  # enough whole middle blocks for every slot
+            b, size = budgets[0], config.block_size
+            lo = [N - n + b.sink_size for n in lengths]  # whole blocks in [lo, N - recent): floor(hi) - ceil(lo)
+            full_lists = all((N - b.recent_size) // size - -(-x // size) >= b.topk // size for x in lo)
         return cls(config, pq, codes, start, sink, recent, topk, k_max=max(b.topk for b in budgets),
                    sink_max=max(b.sink_size for b in budgets), recent_max=max(b.recent_size for b in budgets),
-                   full_lists=len(set(budgets)) == 1 and not budgets[0].dense)
+                   full_lists=full_lists)
 
     def append(self, key: torch.Tensor) -> None:
         """Encode new keys ``[B, Hkv, S, D]`` with the existing centroids; they become cached tokens."""
@@ -118,12 +160,18 @@ class PQIndex:
         self.codes.index_copy_(2, pos, self.quantizer.encode(key.index_select(2, pos)))
 
     def select(self, query: torch.Tensor, n: torch.Tensor | int, scale: float) -> torch.Tensor:
-        """The ``k_max`` middle tokens (``[B, Hkv, k_max]`` int32, ``-1`` = empty) of a decode step at ``n - 1``."""
+        """The selected middle tokens (``[B, Hkv, W]`` int32, ``-1`` = empty) of a decode step at ``n - 1``.
+
+        ``W`` is ``k_max`` for token selection and ``k_max`` rounded down to whole blocks for block selection.
+        """
         B, H, _, D = query.shape
         Hkv = self.codes.shape[1]
         q = query.reshape(B, Hkv, H // Hkv, D)  # the G query heads of each KV head
         ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G, M, ksub]
         hi = (n - self.recent).clamp(min=0)
+        if self.config.selection == "block":
+            return select_blocks(ip_table, self.codes, self.start + self.sink, hi, self.topk, self.k_max,
+                                 self.config.block_size, scale)
         return pq_select(ip_table, self.codes, self.start + self.sink, hi, self.topk, self.k_max, scale)
 
     def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: torch.Tensor | int,
@@ -167,9 +215,9 @@ class PQIndex:
 
         if self.k_max == 0:  # every sequence is dense
             return (sink | recent)[:, None].expand(B, Hkv, S, N)
-        if S == 1:  # a decode step: the pq_select op (Triton on CUDA, the reference elsewhere)
-            idx = self.select(query, N, scale)[:, :, None]  # [B, Hkv, 1, k_max]
-            indices, ok = idx.long().clamp(min=0), idx >= 0
+        if S == 1 or self.config.selection == "block":  # each query as a decode step at its position
+            idx = torch.stack([self.select(query[:, :, i:i + 1], N - S + i + 1, scale) for i in range(S)], dim=2)
+            indices, ok = idx.long().clamp(min=0), idx >= 0  # [B, Hkv, S, W]
         else:
             q = query.reshape(B, Hkv, G * S, D)  # [B, Hkv, G * S, D]
             ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G * S, M, ksub]

@@ -21,6 +21,15 @@ def test_bench_tiny_preset_runs_every_method(tmp_path, capsys):
     assert main(["bench", "--from-json", str(out)]) == 0  # re-print an earlier run
 
 
+def test_bench_block_selection_runs_and_is_recorded(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--contexts", "1200", "--new-tokens", "2", "--warmup", "1",
+                 "--methods", "pqcache", "--selection", "block", "--block-size", "16", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert (data["selection"], data["block_size"], data["backend"]) == ("block", 16, "gather")
+    assert data["results"][0]["tpot_ms"] > 0
+
+
 def test_bench_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown preset 'llama-9'"):
         main(["bench", "--preset", "llama-9", "--contexts", "1200"])
@@ -28,6 +37,8 @@ def test_bench_rejects_unknown_names():
         main(["bench", "--preset", "tiny", "--methods", "pqcache,flash"])
     with pytest.raises(SystemExit):
         main(["bench", "--contexts", "8k"])
+    with pytest.raises(ValueError, match="PQConfig.block_size=0"):
+        main(["bench", "--preset", "tiny", "--selection", "block", "--block-size", "0"])
 
 
 @pytest.mark.parametrize("preset", sorted(bench.PRESETS))

@@ -47,10 +47,11 @@ def test_static_cache_matches_growing_cache_eager():
     assert torch.equal(again, want)
 
 
-def test_compiled_decode_has_one_graph_and_never_recompiles(no_recompile):
+@pytest.mark.parametrize("selection", ["token", "block"])
+def test_compiled_decode_has_one_graph_and_never_recompiles(no_recompile, selection):
     """generate() compiles the decode step with fullgraph=True: one graph for all steps and for a second run."""
     pq = make("llama")
-    pqflex.configure(pq, SPARSE)
+    pqflex.configure(pq, SPARSE.replace(selection=selection, block_size=8))
     ids, mask = padded_prompt()
     want = generate(pq, ids, **mask, **{CACHE_KW: pqflex.PQCache(pq)})
     cache = PQStaticCache(pq, 320)

@@ -86,10 +86,12 @@ def test_bad_backend_and_query_length_raise():
         PQConfig(backend="dense")
 
 
-@pytest.mark.parametrize("backend", ["gather", "flex"])
-def test_index_decode_in_a_fixed_capacity_buffer_equals_growing_cache(backend):
+@pytest.mark.parametrize("backend,selection", [("gather", "token"), ("flex", "token"), ("gather", "block"),
+                                               ("flex", "block")])
+def test_index_decode_in_a_fixed_capacity_buffer_equals_growing_cache(backend, selection):
     """store + decode on a static buffer == append + attend on the exact-size cache, and both == reference."""
-    cfg = PQConfig(budget=48, sink_size=4, min_context=0, niter=6, backend=backend)
+    cfg = PQConfig(budget=48, sink_size=4, min_context=0, niter=6, backend=backend, selection=selection,
+                   block_size=8)
     B, H, Hkv, N, D, C = 2, 8, 2, 260, 16, 384
     g = torch.Generator().manual_seed(3)
     k, v = torch.randn(B, Hkv, N + 3, D, generator=g), torch.randn(B, Hkv, N + 3, D, generator=g)
@@ -142,3 +144,45 @@ def test_full_lists_means_every_slot_is_real():
     torch.testing.assert_close(sparse_decode_attention(q, k, v, idx, valid, 0.25, "gather", all_valid=True), masked)
     ratio = PQIndex.build(k[:, :, :399], PQConfig(budget=0.2, sink_size=4, min_context=200, niter=4), kv_mask)
     assert not ratio.full_lists  # budgets of 79 and 73 tokens: padded slots in the shorter row
+
+
+def test_select_blocks_takes_the_whole_blocks_with_the_most_mass():
+    """Brute force: the aggregated softmax mass of every whole candidate block, the best topk // block of them."""
+    g = torch.Generator().manual_seed(6)
+    B, Hkv, G, N, D, block = 2, 2, 4, 600, 16, 16
+    k = torch.randn(B, Hkv, N, D, generator=g)
+    kv_mask = torch.arange(N)[None, :] >= torch.tensor([0, 45])[:, None]
+    cfg = PQConfig(budget=120, sink_size=5, min_context=0, niter=4, selection="block", block_size=block)
+    index = PQIndex.build(k, cfg, kv_mask)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    got = index.select(q, N, 0.25)
+    kb = int(index.topk[0]) // block
+    assert got.shape == (B, Hkv, (index.k_max // block) * block) and index.full_lists
+    lo, hi = index.start + index.sink, N - index.recent
+    ip = reference.compute_ip_table(q.view(B, Hkv, G, D), index.quantizer.centroids)
+    scores = reference.adc_scores(ip, index.codes) * 0.25  # [B, Hkv, G, N]
+    for b in range(B):
+        cand = torch.zeros(1, 1, N, dtype=torch.bool)
+        cand[..., lo[b]:hi[b]] = True
+        probs = reference.gqa_scores(scores[b:b + 1, :, :, None], cand)[0, :, 0]  # [Hkv, N]
+        whole = [j for j in range(N // block) if j * block >= lo[b] and (j + 1) * block <= hi[b]]
+        for h in range(Hkv):
+            mass = torch.stack([probs[h, j * block:(j + 1) * block].sum() for j in whole])
+            want = {whole[i] for i in mass.topk(kb).indices.tolist()}
+            tokens = got[b, h][got[b, h] >= 0]
+            assert len(tokens) == kb * block and set((tokens // block).tolist()) == want
+            assert all((tokens[i * block:(i + 1) * block] % block == torch.arange(block)).all() for i in range(kb))
+
+
+def test_select_blocks_with_a_budget_below_one_block_selects_nothing():
+    k = torch.randn(1, 1, 300, 8, generator=torch.Generator().manual_seed(7))
+    cfg = PQConfig(budget=40, sink_size=4, min_context=0, niter=2, selection="block", block_size=32)
+    index = PQIndex.build(k, cfg)  # top-k of 18 tokens: no whole block fits
+    assert index.select(torch.randn(1, 2, 1, 8), 300, 0.3).shape == (1, 1, 0)
+
+
+def test_bad_selection_settings_raise():
+    with pytest.raises(ValueError, match="PQConfig.selection='tokens'"):
+        PQConfig(selection="tokens")
+    with pytest.raises(ValueError, match="PQConfig.block_size=0 is out of range"):
+        PQConfig(selection="block", block_size=0)
