@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
+    torch._dynamo.config.recompile_limit = 256  # one lambda code object is compiled for every variant and context
     rows = []
     for context in map(int, args.contexts.split(",")):
         errors = check(args.batch, context, args.budget)

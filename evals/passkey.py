@@ -30,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", default="2048,4096")
     parser.add_argument("--budgets", default="0.2,0.1")
+    parser.add_argument("--selection", default="token", choices=["token", "block"])
+    parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -47,7 +49,7 @@ def main() -> None:
                 first = model(prompt.input_ids, use_cache=True, **{CACHE_KWARG: dense_cache}).logits[:, -1]
             answers = {}
             for budget in budgets:
-                config = PQConfig(budget=budget)
+                config = PQConfig(budget=budget, selection=args.selection, block_size=args.block_size)
                 cache, _ = index_prefilled(model, dense_cache, config)
                 configure(model, config)
                 tokens, _ = greedy_decode(model, first, cache, 8, stop)

@@ -136,6 +136,8 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
     index = PQIndex.build(k[:, :, :context - 1], pq, capacity=cap)
     n = torch.tensor(context, device="cuda")
 
+    torch._dynamo.reset()  # each call compiles a new closure of the same code object
+
     def step():
         index.store(k, n)
         return index.decode(q, k, v, n, scale)
