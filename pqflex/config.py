@@ -17,6 +17,7 @@ DENSE_WINDOW = 1 << 40
 KMEANS_DEVICES = ("auto", "cpu")
 ATTENTION_BACKENDS = ("gather", "flex")  # see pqflex.sparse
 SELECTIONS = ("token", "block")  # see pqflex.index
+SCORERS = ("pq", "exact")
 
 
 class Budget(NamedTuple):
@@ -75,6 +76,9 @@ class PQConfig:
             ``"block"`` (the ``topk // block_size`` whole blocks of ``block_size`` middle tokens that hold the most
             PQ-estimated attention mass; cheaper to select, coarser; the top-k budget rounds down to whole blocks).
         block_size: tokens per block of ``selection="block"``.
+        scorer: how middle tokens are scored: ``"pq"`` (PQ codes, the method) or ``"exact"`` (exact ``q . k`` of
+            every cached key, no k-means: the oracle top-k, the ceiling of any top-k retriever; an evaluation
+            baseline that reads every key, not a speed-up).
     """
 
     M: int = 2
@@ -90,6 +94,7 @@ class PQConfig:
     backend: Literal["gather", "flex"] = "gather"
     selection: Literal["token", "block"] = "token"
     block_size: int = 64
+    scorer: Literal["pq", "exact"] = "pq"
 
     def __post_init__(self) -> None:
         _check_int("M", self.M, 1)
@@ -113,6 +118,8 @@ class PQConfig:
         if self.selection not in SELECTIONS:
             raise ValueError(f"PQConfig.selection={self.selection!r}; allowed: {SELECTIONS}")
         _check_int("block_size", self.block_size, 1, 4096)
+        if self.scorer not in SCORERS:
+            raise ValueError(f"PQConfig.scorer={self.scorer!r}; allowed: {SCORERS}")
         # The budget must leave room for sink + 1 recent + 1 top-k token at the shortest sparse context.
         smallest = self.budget if isinstance(self.budget, int) else int(self.budget * self.min_context)
         dense_only = isinstance(self.budget, float) and self.budget == 1.0

@@ -38,8 +38,8 @@ def left_padding_start(kv_mask: torch.Tensor | None, B: int, N: int, device: tor
     return start.to(device)
 
 
-def select_blocks(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                  topk: torch.Tensor, k_max: int, block: int, scale: float) -> torch.Tensor:
+def select_blocks(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, topk: torch.Tensor, k_max: int,
+                  block: int) -> torch.Tensor:
     """Block-granular selection: the tokens of the ``topk // block`` blocks with the most estimated attention mass.
 
     Blocks are the aligned ranges ``[j * block, (j + 1) * block)``; a block is a candidate when all of its tokens
@@ -48,28 +48,28 @@ def select_blocks(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
     approximate attention among whole blocks. Plain torch: a few fused kernels under ``torch.compile``.
 
     Args:
-        ip_table: ``[B, Hkv, G, M, ksub]``; codes: ``[B, Hkv, N, M]``; lo, hi, topk: ``[B]`` int64.
+        scores: ``[B, Hkv, G, N]`` scaled scores of each query head (PQ or exact); lo, hi, topk: ``[B]`` int64.
         k_max: the largest ``topk``; the result holds ``k_max // block`` blocks.
-        block: tokens per block; scale: softmax scale.
+        block: tokens per block.
 
     Returns:
         ``[B, Hkv, (k_max // block) * block]`` int32 token positions, ``-1`` for empty slots.
     """
-    B, Hkv, N, _ = codes.shape
+    B, Hkv, _, N = scores.shape
     nblk, slots = N // block, k_max // block
     k = min(slots, nblk)
     if k == 0:
-        return torch.full((B, Hkv, slots * block), -1, dtype=torch.int32, device=codes.device)
-    pos = torch.arange(nblk * block, device=codes.device)
+        return torch.full((B, Hkv, slots * block), -1, dtype=torch.int32, device=scores.device)
+    pos = torch.arange(nblk * block, device=scores.device)
     candidates = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, :]  # [B, 1, nblk * block]
-    scores = reference.adc_scores(ip_table, codes[:, :, :nblk * block]) * scale  # [B, Hkv, G, nblk * block]
+    scores = scores[..., :nblk * block]  # [B, Hkv, G, nblk * block]
     probs = reference.gqa_scores(scores[:, :, :, None], candidates)[:, :, 0].clamp(min=0)  # [B, Hkv, nblk * block]
     first = pos[::block]  # [nblk]
     whole = (first >= lo[:, None]) & (first + block <= hi[:, None])  # [B, nblk]
     mass = probs.view(B, Hkv, nblk, block).sum(-1).masked_fill(~whole[:, None], -1.0)
     value, order = mass.topk(k, dim=-1)  # [B, Hkv, k]
-    ok = (value >= 0) & (torch.arange(k, device=codes.device) < (topk // block)[:, None, None])
-    tokens = order[..., None] * block + torch.arange(block, device=codes.device)  # [B, Hkv, k, block]
+    ok = (value >= 0) & (torch.arange(k, device=scores.device) < (topk // block)[:, None, None])
+    tokens = order[..., None] * block + torch.arange(block, device=scores.device)  # [B, Hkv, k, block]
     out = torch.where(ok[..., None], tokens, -1).flatten(-2).to(torch.int32)
     return F.pad(out, (0, (slots - k) * block), value=-1)
 
@@ -79,21 +79,24 @@ class PQIndex:
 
     Attributes:
         config: the :class:`PQConfig` it was built with.
-        quantizer: trained :class:`ProductQuantizer`, centroids ``[B, Hkv, M, ksub, dsub]``.
-        codes: ``[B, Hkv, N, M]`` uint8, one row per cached token (sink, recent and padding rows are unused).
+        quantizer: trained :class:`ProductQuantizer`, centroids ``[B, Hkv, M, ksub, dsub]``; None for the
+            ``"exact"`` scorer, which scores the keys themselves.
+        codes: ``[B, Hkv, N, M]`` uint8, one row per cached token (sink, recent and padding rows are unused);
+            ``M = 0`` for the ``"exact"`` scorer (the rows only count tokens).
         start: ``[B]`` first valid position; ``sink``, ``recent``, ``topk``: ``[B]`` per-sequence budgets.
         k_max: the largest ``topk`` of the batch, the static width of a selection.
         sink_max, recent_max: the largest ``sink`` and ``recent`` of the batch.
         full_lists: every sequence has the same sparse budget, so every slot of a decode step's token list is
             a real token (there are always more candidates than ``topk``) and attention needs no mask.
+        dense: every sequence attends all of its tokens (short contexts, or a budget covering them).
     """
 
-    def __init__(self, config: PQConfig, quantizer: ProductQuantizer, codes: torch.Tensor, start: torch.Tensor,
-                 sink: torch.Tensor, recent: torch.Tensor, topk: torch.Tensor, k_max: int, sink_max: int,
-                 recent_max: int, full_lists: bool = False) -> None:
+    def __init__(self, config: PQConfig, quantizer: ProductQuantizer | None, codes: torch.Tensor,
+                 start: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor, topk: torch.Tensor, k_max: int,
+                 sink_max: int, recent_max: int, full_lists: bool = False, dense: bool = False) -> None:
         self.config, self.quantizer, self.codes = config, quantizer, codes
         self.start, self.sink, self.recent, self.topk, self.k_max = start, sink, recent, topk, k_max
-        self.sink_max, self.recent_max, self.full_lists = sink_max, recent_max, full_lists
+        self.sink_max, self.recent_max, self.full_lists, self.dense = sink_max, recent_max, full_lists, dense
 
     @property
     def num_tokens(self) -> int:
@@ -102,7 +105,8 @@ class PQIndex:
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         """The tensors a decode step reads or writes (for ``torch._dynamo.mark_static_address``)."""
-        return (self.codes, self.quantizer.centroids, self.start, self.sink, self.recent, self.topk)
+        centroids = () if self.quantizer is None else (self.quantizer.centroids,)
+        return (self.codes, *centroids, self.start, self.sink, self.recent, self.topk)
 
     @classmethod
     def build(cls, key: torch.Tensor, config: PQConfig, kv_mask: torch.Tensor | None = None,
@@ -125,16 +129,19 @@ class PQIndex:
         pos = torch.arange(N, device=key.device)
         middle = (pos >= (start + sink)[:, None]) & (pos < N - recent[:, None])  # [B, N]
 
-        pq = ProductQuantizer(D, config.M, config.nbits)
-        train_keys = key.cpu() if config.kmeans_device == "cpu" else key
-        pq.train(train_keys, middle[:, None, :].expand(B, Hkv, N).to(train_keys.device), niter=config.niter,
-                 seed=config.seed, tol=config.tol)
-        pq.centroids = pq.centroids.to(key.device)
-        codes = pq.encode(key)
+        if config.scorer == "exact":  # the oracle scores the keys: no quantizer, empty code rows
+            pq, codes = None, torch.zeros(B, Hkv, N, 0, dtype=torch.uint8, device=key.device)
+        else:
+            pq = ProductQuantizer(D, config.M, config.nbits)
+            train_keys = key.cpu() if config.kmeans_device == "cpu" else key
+            pq.train(train_keys, middle[:, None, :].expand(B, Hkv, N).to(train_keys.device), niter=config.niter,
+                     seed=config.seed, tol=config.tol)
+            pq.centroids = pq.centroids.to(key.device)
+            codes = pq.encode(key)
         if capacity is not None:
             if capacity < N:
                 raise ValueError(f"capacity={capacity} is smaller than the prompt ({N} tokens)")
-            codes = torch.cat([codes, codes.new_zeros(B, Hkv, capacity - N, config.M)], dim=-2)
+            codes = torch.cat([codes, codes.new_zeros(B, Hkv, capacity - N, codes.shape[-1])], dim=-2)
         full_lists = len(set(budgets)) == 1 and not budgets[0].dense
         if config.selection == "block" and full_lists:  # enough whole middle blocks for every slot
             b, size = budgets[0], config.block_size
@@ -142,37 +149,59 @@ class PQIndex:
             full_lists = all((N - b.recent_size) // size - -(-x // size) >= b.topk // size for x in lo)
         return cls(config, pq, codes, start, sink, recent, topk, k_max=max(b.topk for b in budgets),
                    sink_max=max(b.sink_size for b in budgets), recent_max=max(b.recent_size for b in budgets),
-                   full_lists=full_lists)
+                   full_lists=full_lists, dense=all(b.dense for b in budgets))
 
     def append(self, key: torch.Tensor) -> None:
         """Encode new keys ``[B, Hkv, S, D]`` with the existing centroids; they become cached tokens."""
         if key.shape[:2] != self.codes.shape[:2] or key.dim() != 4:
             raise ValueError(f"new keys must be [B, Hkv, S, D] with B, Hkv = {tuple(self.codes.shape[:2])}, "
                              f"got {tuple(key.shape)}")
-        self.codes = torch.cat([self.codes, self.quantizer.encode(key)], dim=-2)
+        new = (key.new_zeros(*key.shape[:3], 0, dtype=torch.uint8) if self.quantizer is None
+               else self.quantizer.encode(key))
+        self.codes = torch.cat([self.codes, new], dim=-2)
 
     def store(self, key: torch.Tensor, n: torch.Tensor) -> None:
         """Encode the newest key of a fixed-capacity cache: ``key [B, Hkv, C, D]``, position ``n - 1`` (0-d tensor).
 
         No host synchronization: ``n`` stays on the device.
         """
+        if self.quantizer is None:  # the exact scorer reads the keys themselves
+            return
         pos = (n - 1).reshape(1)
         self.codes.index_copy_(2, pos, self.quantizer.encode(key.index_select(2, pos)))
 
-    def select(self, query: torch.Tensor, n: torch.Tensor | int, scale: float) -> torch.Tensor:
+    def scores(self, query: torch.Tensor, scale: float, key: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled scores ``[B, Hkv, R, N]`` of query rows ``[B, Hkv, R, D]`` against the ``N`` indexed tokens.
+
+        PQ scores from the codes, or exact ``q . k`` from ``key [B, Hkv, >= N, D]`` for the ``"exact"`` scorer.
+        """
+        if self.quantizer is None:
+            if key is None:
+                raise ValueError("the exact scorer needs the keys: pass key")
+            k = key[:, :, :self.num_tokens]
+            return torch.einsum("bhrd,bhnd->bhrn", query.float(), k.float()) * scale
+        ip_table = reference.compute_ip_table(query, self.quantizer.centroids)  # [B, Hkv, R, M, ksub]
+        return reference.adc_scores(ip_table, self.codes) * scale
+
+    def select(self, query: torch.Tensor, n: torch.Tensor | int, scale: float,
+               key: torch.Tensor | None = None) -> torch.Tensor:
         """The selected middle tokens (``[B, Hkv, W]`` int32, ``-1`` = empty) of a decode step at ``n - 1``.
 
         ``W`` is ``k_max`` for token selection and ``k_max`` rounded down to whole blocks for block selection.
+        ``key`` is needed by the ``"exact"`` scorer only.
         """
         B, H, _, D = query.shape
         Hkv = self.codes.shape[1]
         q = query.reshape(B, Hkv, H // Hkv, D)  # the G query heads of each KV head
-        ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G, M, ksub]
-        hi = (n - self.recent).clamp(min=0)
+        lo, hi = self.start + self.sink, (n - self.recent).clamp(min=0)
+        if self.k_max == 0:  # sink + recent only
+            return torch.empty(B, Hkv, 0, dtype=torch.int32, device=query.device)
         if self.config.selection == "block":
-            return select_blocks(ip_table, self.codes, self.start + self.sink, hi, self.topk, self.k_max,
-                                 self.config.block_size, scale)
-        return pq_select(ip_table, self.codes, self.start + self.sink, hi, self.topk, self.k_max, scale)
+            return select_blocks(self.scores(q, scale, key), lo, hi, self.topk, self.k_max, self.config.block_size)
+        if self.quantizer is None:
+            return reference.select_from_scores(self.scores(q, scale, key), lo, hi, self.topk, self.k_max)
+        ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G, M, ksub]
+        return pq_select(ip_table, self.codes, lo, hi, self.topk, self.k_max, scale)
 
     def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: torch.Tensor | int,
                scale: float) -> torch.Tensor:
@@ -182,23 +211,24 @@ class PQIndex:
         new key is already encoded. Static shapes and no host synchronization, so the step compiles once.
         """
         C = key.shape[-2]
-        if self.k_max == 0:  # every sequence is dense: masked SDPA over the whole buffer
+        if self.dense:  # every sequence is dense: masked SDPA over the whole buffer
             pos = torch.arange(C, device=key.device)
             valid = (pos >= self.start[:, None]) & (pos < n)  # [B, C]
             B, H, _, D = query.shape
             q = query.reshape(B, key.shape[1], H // key.shape[1], D)
             out = F.scaled_dot_product_attention(q, key, value, attn_mask=valid[:, None, None, :], scale=scale)
             return out.reshape(query.shape)
-        idx, valid = decode_token_list(self.select(query, n, scale), self.start, self.sink, self.recent, n,
+        idx, valid = decode_token_list(self.select(query, n, scale, key), self.start, self.sink, self.recent, n,
                                        self.sink_max, min(self.recent_max, C))
         return sparse_decode_attention(query, key, value, idx, valid, scale, self.config.backend, self.full_lists)
 
-    def plan(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+    def plan(self, query: torch.Tensor, scale: float, key: torch.Tensor | None = None) -> torch.Tensor:
         """Which cached tokens each query attends, per KV head.
 
         Args:
             query: ``[B, H, S, D]``, the last ``S`` of the ``N`` cached positions.
             scale: softmax scale of the scores used for the GQA aggregation.
+            key: ``[B, Hkv, N, D]``, needed by the ``"exact"`` scorer only.
 
         Returns:
             ``attend [B, Hkv, S, N]`` bool: sink + recent + selected middle tokens, causal and padding-free.
@@ -213,16 +243,16 @@ class PQIndex:
         sink = valid & (pos < start + self.sink[:, None, None])
         recent = valid & (pos > qpos - self.recent[:, None, None])
 
-        if self.k_max == 0:  # every sequence is dense
+        if self.k_max == 0:  # no top-k: dense sequences, or sink + recent only (StreamingLLM)
             return (sink | recent)[:, None].expand(B, Hkv, S, N)
         if S == 1 or self.config.selection == "block":  # each query as a decode step at its position
-            idx = torch.stack([self.select(query[:, :, i:i + 1], N - S + i + 1, scale) for i in range(S)], dim=2)
+            idx = torch.stack([self.select(query[:, :, i:i + 1], N - S + i + 1, scale, key) for i in range(S)],
+                              dim=2)
             indices, ok = idx.long().clamp(min=0), idx >= 0  # [B, Hkv, S, W]
         else:
             q = query.reshape(B, Hkv, G * S, D)  # [B, Hkv, G * S, D]
-            ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G * S, M, ksub]
             candidates = valid & ~sink & ~recent  # [B, S, N]
-            scores = reference.adc_scores(ip_table, self.codes).view(B, Hkv, G, S, N) * scale
+            scores = self.scores(q, scale, key).view(B, Hkv, G, S, N)
             agg = reference.gqa_scores(scores, candidates)  # [B, Hkv, S, N]
             indices, ok = reference.select_topk(agg, self.topk, self.k_max)  # [B, Hkv, S, k_max]
         selected = torch.zeros(B, Hkv, S, N, dtype=torch.int32, device=query.device)
@@ -233,4 +263,4 @@ class PQIndex:
         """Exact attention ``[B, H, S, D]`` over the planned tokens of ``key``/``value`` ``[B, Hkv, N, D]``."""
         if query.shape[-2] == 1:
             return self.decode(query, key, value, key.shape[-2], scale)
-        return reference.masked_attention(query, key, value, self.plan(query, scale), scale)
+        return reference.masked_attention(query, key, value, self.plan(query, scale, key), scale)

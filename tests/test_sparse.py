@@ -186,3 +186,42 @@ def test_bad_selection_settings_raise():
         PQConfig(selection="tokens")
     with pytest.raises(ValueError, match="PQConfig.block_size=0 is out of range"):
         PQConfig(selection="block", block_size=0)
+
+
+def test_streaming_budget_attends_sink_and_recent_only():
+    """recent_ratio=1.0 (StreamingLLM) leaves no top-k: the decode step must not fall back to dense attention."""
+    g = torch.Generator().manual_seed(8)
+    B, H, Hkv, N, D, C = 1, 4, 2, 400, 16, 512
+    k, v = torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, Hkv, C, D, generator=g)
+    index = PQIndex.build(k[:, :, :N - 1], PQConfig(budget=40, sink_size=4, min_context=0, recent_ratio=1.0),
+                          capacity=C)
+    assert index.k_max == 0 and not index.dense
+    index.store(k, torch.tensor(N))
+    q = torch.randn(B, H, 1, D, generator=g)
+    attend = torch.zeros(B, Hkv, 1, N, dtype=torch.bool)
+    attend[..., :4] = attend[..., N - 36:] = True
+    want = reference.masked_attention(q, k[:, :, :N], v[:, :, :N], attend, D ** -0.5)
+    torch.testing.assert_close(index.decode(q, k, v, torch.tensor(N), D ** -0.5), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_exact_scorer_selects_the_true_top_k(G):
+    """The oracle: the middle tokens with the largest group-summed softmax of the exact q.k, by brute force."""
+    g = torch.Generator().manual_seed(9)
+    B, Hkv, N, D = 2, 2, 300, 16
+    k = torch.randn(B, Hkv, N, D, generator=g)
+    index = PQIndex.build(k, PQConfig(budget=50, sink_size=4, min_context=0, scorer="exact"))
+    assert index.quantizer is None and index.codes.shape == (B, Hkv, N, 0)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    got = index.select(q, N, 0.25, k)
+    lo, hi = int(index.sink[0]), N - int(index.recent[0])
+    for b in range(B):
+        for h in range(Hkv):
+            logits = (q[b, h * G:(h + 1) * G, 0] @ k[b, h, lo:hi].T) * 0.25  # [G, hi - lo]
+            mass = logits.softmax(-1).sum(0)
+            want = set((mass.topk(int(index.topk[b])).indices + lo).tolist())
+            assert set(got[b, h].tolist()) == want
+    with pytest.raises(ValueError, match="the exact scorer needs the keys"):
+        index.select(q, N, 0.25)
+    with pytest.raises(ValueError, match="PQConfig.scorer='oracle'"):
+        PQConfig(scorer="oracle")

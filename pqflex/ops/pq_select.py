@@ -45,13 +45,7 @@ def pq_select_reference(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.T
     Returns:
         ``[B, Hkv, k_max]`` int32 token indices, best first; ``-1`` past ``min(topk, #candidates)``.
     """
-    N = codes.shape[2]
-    scores = reference.adc_scores(ip_table, codes)  # [B, Hkv, G, N]
-    pos = torch.arange(N, device=codes.device)
-    candidates = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, :]  # [B, 1, N]
-    agg = reference.gqa_scores(scores[:, :, :, None] * scale, candidates)  # [B, Hkv, 1, N]
-    indices, valid = reference.select_topk(agg, topk, k_max)
-    return torch.where(valid, indices, -1)[:, :, 0].to(torch.int32)
+    return reference.select_from_scores(reference.adc_scores(ip_table, codes) * scale, lo, hi, topk, k_max)
 
 
 def _check(ip_table, codes, lo, hi, topk, k_max) -> None:

@@ -202,6 +202,25 @@ def select_topk(scores: torch.Tensor, topk: torch.Tensor, k_max: int) -> tuple[t
     return indices, valid
 
 
+def select_from_scores(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, topk: torch.Tensor,
+                       k_max: int) -> torch.Tensor:
+    """The top-k middle tokens of one decode step from per-head scaled scores (exact or approximate).
+
+    Args:
+        scores: ``[B, Hkv, G, N]`` scaled logits of each query head of a KV head.
+        lo, hi: ``[B]`` int64, candidate range ``[lo, hi)``; topk: ``[B]`` tokens to keep, at most ``k_max``.
+
+    Returns:
+        ``[B, Hkv, k_max]`` int32 token indices, best first (GQA rule of :func:`gqa_scores`; ties to the later
+        token); ``-1`` past ``min(topk, #candidates)``.
+    """
+    pos = torch.arange(scores.shape[-1], device=scores.device)
+    candidates = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, :]  # [B, 1, N]
+    agg = gqa_scores(scores[:, :, :, None], candidates)  # [B, Hkv, 1, N]
+    indices, valid = select_topk(agg, topk, k_max)
+    return torch.where(valid, indices, -1)[:, :, 0].to(torch.int32)
+
+
 def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attend: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Exact attention of each query over the tokens ``attend`` marks, per KV head.
