@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pqflex.config import METHODS
+from pqflex.suite import TASKS
+
 
 def _budget(text: str) -> float | int:
     """``"0.1"`` -> 0.1 (a fraction of the context); ``"2048"`` -> 2048 tokens."""
@@ -62,8 +65,37 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.add_argument("--plot", default=None, help="write a PNG of TPOT vs context (needs matplotlib)")
     bench.add_argument("--from-json", default=None, help="print (and --plot) the results of an earlier --json")
+    ev = sub.add_parser("eval", help="the offline long-context suite: full attention, pqcache, streaming, oracle",
+                        description="Synthetic long-context tasks built with the model's tokenizer; see "
+                                    "pqflex/suite.py, pqflex/evaluate.py and EVALS.md")
+    ev.add_argument("--tasks", type=lambda t: list(TASKS) if t == "all" else t.split(","), default=list(TASKS),
+                    help=f"comma-separated, or all (default): {', '.join(TASKS)}")
+    ev.add_argument("--lengths", type=_ints, default=[2048, 4096], help="prompt lengths in tokens, comma-separated")
+    ev.add_argument("--budgets", type=lambda t: [_budget(x) for x in t.split(",")], default=[0.2, 0.1, 0.05],
+                    help="budgets (fractions or token counts), comma-separated (default 0.2,0.1,0.05)")
+    ev.add_argument("--methods", type=lambda t: t.split(","), default=list(METHODS),
+                    help=f"comma-separated: {', '.join(METHODS)}")
+    ev.add_argument("--samples", type=int, default=5, help="prompts per task and length (default 5)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the first prompt (prompt i uses seed + i)")
+    ev.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (left padding)")
+    ev.add_argument("--model", default=None, help="a Hugging Face model directory (default: the embedded "
+                                                  "SmolLM2-135M-Instruct)")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="model dtype (default fp32)")
+    ev.add_argument("--json", default=None, help="write every prediction and score to this JSON file")
+    ev.add_argument("--plot", default=None, help="write a PNG of the average score vs budget (needs matplotlib)")
+    ev.add_argument("--from-json", default=None, help="print (and --plot) the results of an earlier --json")
+    ev.add_argument("--resume", action="store_true", help="keep the complete cells of an interrupted --json run")
     args = parser.parse_args(argv)
 
+    if args.command == "eval":
+        from pqflex import evaluate
+
+        if args.samples < 1 or args.batch_size < 1:
+            parser.error(f"--samples and --batch-size must be >= 1, got {args.samples} and {args.batch_size}")
+        if args.resume and not args.json:
+            parser.error("--resume needs --json (the file of the interrupted run)")
+        return evaluate.main(args)
     if args.command == "bench":
         from pqflex import bench as benchmark
 

