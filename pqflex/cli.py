@@ -18,6 +18,24 @@ def _budget(text: str) -> float | int:
     return int(value) if value > 1 else value
 
 
+def _settings(text: str) -> dict[str, object]:
+    """``"M=4,nbits=8,backend=flex"`` -> ``{"M": 4, "nbits": 8, "backend": "flex"}`` (numbers parsed)."""
+    out: dict[str, object] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected key=value pairs of PQConfig fields, got {item!r}")
+        for kind in (int, float):
+            try:
+                out[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(t) for t in text.split(",")]
@@ -75,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="budgets (fractions or token counts), comma-separated (default 0.2,0.1,0.05)")
     ev.add_argument("--methods", type=lambda t: t.split(","), default=list(METHODS),
                     help=f"comma-separated: {', '.join(METHODS)}")
+    ev.add_argument("--pq", type=_settings, default={}, help="more PQConfig settings of the sparse methods, e.g. "
+                                                          "M=4,nbits=8 (default: PQConfig's)")
     ev.add_argument("--samples", type=int, default=5, help="prompts per task and length (default 5)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the first prompt (prompt i uses seed + i)")
     ev.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (left padding)")

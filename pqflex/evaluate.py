@@ -148,9 +148,13 @@ def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], budgets: li
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; allowed: {METHODS}")
+    if "budget" in (settings or {}):
+        raise ValueError("give budgets with the budgets argument (--budgets), not in the PQ settings")
     if any(m != "full" for m in methods):
         for b in budgets:
-            PQConfig(budget=b, **(settings or {}))  # bad budgets or settings raise before any work
+            for m in methods:
+                if m != "full":  # bad budgets or settings raise before any work
+                    PQConfig.for_method(m, budget=b, **(settings or {}))
     words = vocabulary(tokenizer)
     rows = []
     for length in lengths:
@@ -202,10 +206,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     def key(item):
         (length, label), _ = item
         method, _, budget = label.partition(" ")
-        return length, -float(budget) if budget else -float("inf"), order[method]
+        return length, -float(budget) if budget else -float("inf"), order.get(method, len(order)), method
 
     for (length, label), means in sorted(summary.items(), key=key):
-        lines.append(f"| {length} | {label} | " + " | ".join(f"{means[t]:.1f}" for t in tasks)
+        lines.append(f"| {length} | {label} | " + " | ".join(f"{means[t]:.1f}" if t in means else "-" for t in tasks)
                      + f" | {means['avg']:.1f} |")
     n = sorted(set(counts.values()))
     lines.append(f"\nsamples per cell: {n[0] if len(n) == 1 else n}")
@@ -222,8 +226,10 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     summary = summarize(rows)
     lengths = sorted({length for length, _ in summary})
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), sharey=True, squeeze=False)
+    found = {label.split(" ")[0] for _, label in summary}
+    methods = [m for m in METHODS if m in found] + sorted(found - set(METHODS))  # e.g. relabelled variants
     for ax, length in zip(axes[0], lengths):
-        for method in METHODS:
+        for method in methods:
             if method == "full":
                 if (length, "full") in summary:
                     ax.axhline(summary[(length, "full")]["avg"], color="black", ls="--", label="full attention")
@@ -269,7 +275,7 @@ def main(args) -> int:
         t0 = time.perf_counter()
         data = {"environment": environment(device), "model": args.model or "SmolLM2-135M-Instruct (embedded GGUF)",
                 "dtype": args.dtype, "seed": args.seed, "samples": args.samples, "batch_size": args.batch_size,
-                "rows": earlier}
+                "pq": args.pq, "rows": earlier}
 
         def save(rows: list[Row]) -> None:
             data["rows"] = earlier + [dataclasses.asdict(r) for r in rows]
@@ -279,7 +285,8 @@ def main(args) -> int:
                     json.dump(data, f, indent=1)
 
         save(evaluate(model, tokenizer, args.tasks, args.lengths, args.budgets, args.methods, args.samples,
-                      args.seed, args.batch_size, log=lambda m: print(m, flush=True), done=done, on_batch=save))
+                      args.seed, args.batch_size, args.pq, log=lambda m: print(m, flush=True), done=done,
+                      on_batch=save))
     print(table(data["rows"]))
     if "environment" in data:
         print(" ".join(f"{k}={v}" for k, v in data["environment"].items()))

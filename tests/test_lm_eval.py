@@ -1,0 +1,95 @@
+"""lm-eval as users type it: `lm_eval --model hf --model_args pretrained=PATH,attn_implementation=pqcache,...`.
+
+The real lm-eval CLI in a subprocess (which never imports pqflex itself: the installed .pth hook must), on the
+default model, with a local generate_until passkey task (no downloads). pqcache finds the passkeys; the same
+budget spent on sink + recent tokens only (pq_method=streaming) cannot, which proves the settings took effect.
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+from pqflex.integrations import lm_eval as glue
+from pqflex.models import materialize_default_model
+from pqflex.prompts import passkey_prompt
+
+pytestmark = pytest.mark.slow
+
+TASK_YAML = """task: pqflex_passkey
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+filter_list:
+  - name: first-number
+    filter:
+      - function: regex
+        regex_pattern: "(\\\\d+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    path = materialize_default_model(progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    root = tmp_path_factory.mktemp("lm_eval_task")
+    with open(root / "passkey.jsonl", "w") as f:
+        for i, depth in enumerate((0.3, 0.5, 0.7)):
+            p = passkey_prompt(tokenizer, 1500, depth, seed=i)
+            f.write(json.dumps({"prompt": tokenizer.decode(p.input_ids[0], skip_special_tokens=True),
+                                "answer": p.passkey}) + "\n")
+    (root / "pqflex_passkey.yaml").write_text(TASK_YAML.format(data=root / "passkey.jsonl"))
+    return path, root
+
+
+def lm_eval(model_path, task_root, out, model_args):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "hf", "--model_args",
+           f"pretrained={model_path},dtype=float32,{model_args}", "--tasks", "pqflex_passkey", "--include_path",
+           str(task_root), "--device", "cpu", "--batch_size", "1", "--output_path", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
+    with open(result) as f:
+        return json.load(f)["results"]["pqflex_passkey"]["exact_match,first-number"], done.stderr
+
+
+def test_lm_eval_cli_runs_pqcache_with_its_settings(task_dir, tmp_path):
+    model_path, root = task_dir
+    found, log = lm_eval(model_path, root, tmp_path / "pq", "attn_implementation=pqcache,pq_budget=0.2,pq_M=2")
+    assert "pqflex: pqcache attention with PQConfig(M=2, nbits=6, sink_size=32, budget=0.2" in log
+    assert found >= 2 / 3
+    streaming, log = lm_eval(model_path, root, tmp_path / "st",
+                             "attn_implementation=pqcache,pq_budget=0.2,pq_method=streaming")
+    assert "recent_ratio=1.0" in log
+    assert streaming == 0.0
+
+
+def test_pq_settings_without_pqcache_raise():
+    class Model:
+        class config:
+            _attn_implementation = "sdpa"
+
+    with pytest.raises(ValueError, match="model_args \\['pq_budget'\\] need attn_implementation=pqcache"):
+        glue.apply(Model(), {"budget": 0.1})
+    assert glue.apply(Model(), {}) is None
+    kwargs = {"pq_budget": 0.1, "dtype": "float32"}
+    assert glue.pop_settings(kwargs) == {"budget": 0.1} and kwargs == {"dtype": "float32"}
