@@ -14,49 +14,17 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
+from evals.lm_eval_passkey import write_task
 from pqflex.integrations import lm_eval as glue
 from pqflex.models import materialize_default_model
-from pqflex.prompts import passkey_prompt
 
 pytestmark = pytest.mark.slow
-
-TASK_YAML = """task: pqflex_passkey
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 8
-  do_sample: false
-filter_list:
-  - name: first-number
-    filter:
-      - function: regex
-        regex_pattern: "(\\\\d+)"
-      - function: take_first
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     path = materialize_default_model(progress=False)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    root = tmp_path_factory.mktemp("lm_eval_task")
-    with open(root / "passkey.jsonl", "w") as f:
-        for i, depth in enumerate((0.3, 0.5, 0.7)):
-            p = passkey_prompt(tokenizer, 1500, depth, seed=i)
-            f.write(json.dumps({"prompt": tokenizer.decode(p.input_ids[0], skip_special_tokens=True),
-                                "answer": p.passkey}) + "\n")
-    (root / "pqflex_passkey.yaml").write_text(TASK_YAML.format(data=root / "passkey.jsonl"))
+    root = write_task(tmp_path_factory.mktemp("lm_eval_task"), tokenizer, 3, 1500, depths=[0.3, 0.5, 0.7])
     return path, root
 
 
