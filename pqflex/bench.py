@@ -29,6 +29,8 @@ METHODS = ("pqcache", "pqflex-dense", "sdpa-static", "sdpa")
 COMPILED = {"pqcache", "pqflex-dense", "sdpa-static"}
 
 _COMMON = dict(hidden_act="silu", rms_norm_eps=1e-5, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the --dtype choices
+
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-3.1-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -260,7 +262,7 @@ def main(args) -> int:
         results = [Result(**r) for r in data["results"]]
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        dtype = DTYPES[args.dtype]
         model_config(args.preset)  # bad preset names raise before any work
         for method in args.methods:
             if method not in METHODS:

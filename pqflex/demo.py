@@ -69,7 +69,6 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
     The prompt is prefilled once, densely (pqcache prefills densely too); the two methods then decode from the
     same prefill: SDPA over all cached tokens, and pqcache over sink + top-k + recent tokens after indexing.
     """
-
     from pqflex.models import load_default_model, load_model
     from pqflex.prompts import passkey_found, passkey_prompt
 

@@ -254,11 +254,11 @@ def main(args) -> int:
         with open(args.from_json) as f:
             data = json.load(f)
     else:
-        from pqflex.bench import environment
+        from pqflex.bench import DTYPES, environment
         from pqflex.models import load_default_model, load_model
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        dtype = DTYPES[args.dtype]
         if args.model:
             model, tokenizer = load_model(args.model, "sdpa", device=device, dtype=dtype)
         else:

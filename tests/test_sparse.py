@@ -178,7 +178,12 @@ def test_select_blocks_with_a_budget_below_one_block_selects_nothing():
     k = torch.randn(1, 1, 300, 8, generator=torch.Generator().manual_seed(7))
     cfg = PQConfig(budget=40, sink_size=4, min_context=0, niter=2, selection="block", block_size=32)
     index = PQIndex.build(k, cfg)  # top-k of 18 tokens: no whole block fits
-    assert index.select(torch.randn(1, 2, 1, 8), 300, 0.3).shape == (1, 1, 0)
+    q = torch.randn(1, 2, 1, 8)
+    assert index.select(q, 300, 0.3).shape == (1, 1, 0)
+    attend = index.plan(q, 0.3)[0, 0, 0]  # the sink and the recent window, nothing between
+    want = torch.zeros(300, dtype=torch.bool)
+    want[:4] = want[300 - int(index.recent[0]):] = True
+    assert torch.equal(attend, want)
 
 
 def test_bad_selection_settings_raise():
