@@ -16,7 +16,7 @@ import json
 import torch
 
 from pqflex import PQConfig, PQIndex
-from pqflex.bench import environment, graph_time_us, layer_attention_us
+from pqflex.harness.bench import environment, graph_time_us, layer_attention_us
 from pqflex.ops import reference
 
 PRESET = "llama-3.1-8b"
@@ -43,7 +43,7 @@ def check(batch: int, context: int, budget: float) -> dict[str, float]:
         index = PQIndex.build(k[:, :, :context - 1], PQConfig(budget=budget, niter=10, **options), capacity=cap)
         n = torch.tensor(context, device="cuda")
         index.store(k, n)
-        out = torch.compile(lambda: index.decode(q, k, v, n, D ** -0.5), fullgraph=True, dynamic=False)()
+        out = torch.compile(lambda: index.step(q, k, v, n, D ** -0.5), fullgraph=True, dynamic=False)()
         grow = PQIndex(index.config, index.quantizer, index.codes[:, :, :context], index.start, index.sink,
                        index.recent, index.topk, index.k_max, index.sink_max, index.recent_max)
         plan = grow.plan(q, D ** -0.5)

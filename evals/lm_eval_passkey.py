@@ -45,7 +45,7 @@ metric_list:
 def write_task(directory: str | Path, tokenizer, prompts: int, length: int,
                depths: list[float] | None = None) -> Path:
     """Write ``passkey.jsonl`` and ``pqflex_passkey.yaml`` into ``directory``; returns the directory."""
-    from pqflex.prompts import passkey_prompt
+    from pqflex.harness.prompts import passkey_prompt
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def write_task(directory: str | Path, tokenizer, prompts: int, length: int,
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from pqflex.models import materialize_default_model
+    from pqflex.harness.models import materialize_default_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("directory")

@@ -17,11 +17,10 @@ import time
 import torch
 from transformers import DynamicCache
 
-from pqflex import PQConfig, configure
-from pqflex.demo import greedy_decode, index_prefilled
-from pqflex.integrations.transformers import CACHE_KWARG
-from pqflex.models import load_default_model
-from pqflex.prompts import passkey_found, passkey_prompt
+from pqflex import CACHE_KWARG, PQConfig, configure
+from pqflex.harness.demo import greedy_decode, index_prefilled
+from pqflex.harness.models import load_default_model
+from pqflex.harness.prompts import passkey_found, passkey_prompt
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 

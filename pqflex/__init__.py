@@ -4,11 +4,12 @@ Importing pqflex registers the ``"pqcache"`` attention implementation with trans
 """
 
 from pqflex.attention import retrieval_attention
-from pqflex.config import Budget, PQConfig
+from pqflex.config import METHODS, Budget, PQConfig
 from pqflex.index import PQIndex
-from pqflex.integrations.transformers import PQCache, PQStaticCache, configure, get_config
+from pqflex.integrations.transformers import CACHE_KWARG, PQCache, PQStaticCache, configure, get_config
+from pqflex.layer import PQLayer
 from pqflex.quantizer import ProductQuantizer
 
-__all__ = ["Budget", "PQCache", "PQConfig", "PQStaticCache", "PQIndex", "ProductQuantizer", "configure", "get_config",
-           "retrieval_attention"]
+__all__ = ["CACHE_KWARG", "METHODS", "Budget", "PQCache", "PQConfig", "PQIndex", "PQLayer", "PQStaticCache", "ProductQuantizer", "configure",
+           "get_config", "retrieval_attention"]
 __version__ = "0.1.0"

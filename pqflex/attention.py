@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pqflex.config import PQConfig
 from pqflex.index import PQIndex
@@ -59,3 +60,30 @@ def retrieval_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     check_attention_inputs(query, key, value, config)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     return PQIndex.build(key, config, kv_mask).attend(query, key, value, scale)
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """Dense causal attention of the last ``S`` of ``N`` positions (a prompt, or a chunk of one), with GQA.
+
+    Args:
+        query: ``[B, H, S, D]`` at positions ``N - S .. N - 1``; key, value: ``[B, Hkv, N, D]``.
+        kv_mask: ``[B, N]`` bool left-padding mask (True = token) or None.
+        scale: softmax scale.
+
+    Returns:
+        ``[B, H, S, D]``. A padding query attends itself only (its output is unused but finite, so it never
+        poisons later layers).
+    """
+    S, N = query.shape[-2], key.shape[-2]
+    if kv_mask is None and S == N:  # a whole unpadded prompt: SDPA's causal kernels, no mask tensor
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+    pos = torch.arange(N, device=query.device)
+    qpos = torch.arange(N - S, N, device=query.device)[:, None]  # [S, 1]
+    allowed = pos <= qpos  # [S, N]
+    if kv_mask is not None:
+        allowed = (allowed & kv_mask[:, None, :]) | (pos == qpos)  # [B, S, N]
+    mask = allowed if allowed.dim() == 3 else allowed[None]
+    G = query.shape[1] // key.shape[1]  # SDPA's masked kernels take no GQA: repeat the KV heads (as transformers)
+    key, value = key.repeat_interleave(G, dim=1), value.repeat_interleave(G, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scale)

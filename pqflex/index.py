@@ -129,7 +129,8 @@ class PQIndex:
         pos = torch.arange(N, device=key.device)
         middle = (pos >= (start + sink)[:, None]) & (pos < N - recent[:, None])  # [B, N]
 
-        if config.scorer == "exact":  # the oracle scores the keys: no quantizer, empty code rows
+        dense = all(b.dense for b in budgets)
+        if config.scorer == "exact" or dense:  # nothing to quantize: the oracle scores the keys, dense rows no one
             pq, codes = None, torch.zeros(B, Hkv, N, 0, dtype=torch.uint8, device=key.device)
         else:
             pq = ProductQuantizer(D, config.M, config.nbits)
@@ -149,7 +150,7 @@ class PQIndex:
             full_lists = all((N - b.recent_size) // size - -(-x // size) >= b.topk // size for x in lo)
         return cls(config, pq, codes, start, sink, recent, topk, k_max=max(b.topk for b in budgets),
                    sink_max=max(b.sink_size for b in budgets), recent_max=max(b.recent_size for b in budgets),
-                   full_lists=full_lists, dense=all(b.dense for b in budgets))
+                   full_lists=full_lists, dense=dense)
 
     def append(self, key: torch.Tensor) -> None:
         """Encode new keys ``[B, Hkv, S, D]`` with the existing centroids; they become cached tokens."""
@@ -159,6 +160,31 @@ class PQIndex:
         new = (key.new_zeros(*key.shape[:3], 0, dtype=torch.uint8) if self.quantizer is None
                else self.quantizer.encode(key))
         self.codes = torch.cat([self.codes, new], dim=-2)
+
+    def select_batch(self, indices: torch.Tensor) -> PQIndex:
+        """The index of the sequences ``indices`` ``[B']`` (int64; repeats allowed), e.g. beams reordered.
+
+        Per-sequence state (centroids, codes, start, budgets) follows its sequence; the static widths stay, so a
+        compiled decode step keeps its shapes.
+        """
+        idx = indices.to(self.start.device)
+        pq = None
+        if self.quantizer is not None:
+            pq = ProductQuantizer(self.quantizer.dim, self.quantizer.M, self.quantizer.nbits)
+            pq.centroids = self.quantizer.centroids.index_select(0, idx)
+        return PQIndex(self.config, pq, self.codes.index_select(0, idx), self.start.index_select(0, idx),
+                       self.sink.index_select(0, idx), self.recent.index_select(0, idx),
+                       self.topk.index_select(0, idx), self.k_max, self.sink_max, self.recent_max, self.full_lists,
+                       self.dense)
+
+    def truncate(self, n: int) -> None:
+        """Forget the tokens from position ``n`` on (a growing cache cropped to ``n`` tokens)."""
+        self.codes = self.codes[:, :, :n]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the codes and centroids."""
+        return sum(t.numel() * t.element_size() for t in self.buffers()[:2 if self.quantizer is not None else 1])
 
     def store(self, key: torch.Tensor, n: torch.Tensor) -> None:
         """Encode the newest key of a fixed-capacity cache: ``key [B, Hkv, C, D]``, position ``n - 1`` (0-d tensor).
@@ -203,8 +229,8 @@ class PQIndex:
         ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G, M, ksub]
         return pq_select(ip_table, self.codes, lo, hi, self.topk, self.k_max, scale)
 
-    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: torch.Tensor | int,
-               scale: float) -> torch.Tensor:
+    def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: torch.Tensor | int,
+             scale: float) -> torch.Tensor:
         """One decode step: attention ``[B, H, 1, D]`` of the query at position ``n - 1`` over its tokens.
 
         ``key``/``value`` ``[B, Hkv, C, D]`` hold at least ``n`` tokens (more in a fixed-capacity cache) and the
@@ -262,5 +288,5 @@ class PQIndex:
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
         """Exact attention ``[B, H, S, D]`` over the planned tokens of ``key``/``value`` ``[B, Hkv, N, D]``."""
         if query.shape[-2] == 1:
-            return self.decode(query, key, value, key.shape[-2], scale)
+            return self.step(query, key, value, key.shape[-2], scale)
         return reference.masked_attention(query, key, value, self.plan(query, scale, key), scale)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pqflex.ops import kmeans, reference
+from pqflex.ops import kmeans, reference  # noqa: F401  (kmeans registers torch.ops.pqflex.kmeans)
 from pqflex.ops.pq_encode import pq_encode
 
 
@@ -84,7 +84,7 @@ class ProductQuantizer:
                 raise ValueError(f"mask must be bool of shape {tuple(x.shape[:-1])}, got {mask.dtype} "
                                  f"{tuple(mask.shape)}")
             m = mask.reshape(-1, 1, N).expand(-1, self.M, N).reshape(-1, N)  # [L * M, N]
-        c = kmeans.kmeans(self._split(x), m, self.ksub, niter, seed, tol)  # [L * M, ksub, dsub]
+        c = torch.ops.pqflex.kmeans(self._split(x), m, self.ksub, niter, seed, tol)  # [L * M, ksub, dsub]
         self.centroids = c.reshape(*lead, self.M, self.ksub, self.dsub)
         return self
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pqflex import bench
-from pqflex.cli import main
+from pqflex.harness import bench
+from pqflex.harness.cli import main
 
 
 def test_bench_tiny_preset_runs_every_method(tmp_path, capsys):

@@ -5,7 +5,7 @@ import torch
 
 from pqflex.ops import reference
 from pqflex.ops.kmeans import kmeans, kmeans_triton
-from pqflex.ops.pq_encode import pq_encode, pq_encode_reference, pq_encode_triton
+from pqflex.ops.pq_encode import pq_encode, pq_encode_triton
 from tests.helpers import clustered_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,7 +22,7 @@ def sub_distance(x, centroids, codes):
 
 
 def assert_codes_match(x, centroids, out):
-    ref = pq_encode_reference(x, centroids)
+    ref = reference.pq_encode(x, centroids)
     assert out.shape == ref.shape and out.dtype == torch.uint8
     # Equal codes, except where two centroids are equally near up to float rounding.
     d_out, d_ref = sub_distance(x, centroids, out), sub_distance(x, centroids, ref)
@@ -45,7 +45,7 @@ def test_encode_matches_reference(L, N, M, nbits, dsub, dtype):
 
 def test_encode_op_and_validation():
     x, c = torch.randn(2, 40, 64), torch.randn(2, 2, 64, 32)
-    assert torch.equal(pq_encode(x, c), pq_encode_reference(x, c))
+    assert torch.equal(pq_encode(x, c), reference.pq_encode(x, c))
     with pytest.raises(ValueError, match="does not match centroids"):
         pq_encode(x[:, :, :60], c)
     with pytest.raises(TypeError, match="floating point"):

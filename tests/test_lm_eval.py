@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from evals.lm_eval_passkey import write_task
 from pqflex.integrations import lm_eval as glue
-from pqflex.models import materialize_default_model
+from pqflex.harness.models import materialize_default_model
 
 pytestmark = pytest.mark.slow
 

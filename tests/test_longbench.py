@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from evals.longbench import metrics
 from evals.longbench.protocol import MAX_NEW_TOKENS, METRICS, NO_CHAT_TEMPLATE, PROMPTS, TASKS
 from evals.longbench.run import build_prompt, load_task, main, run, summarize
-from pqflex.models import materialize_default_model
+from pqflex.harness.models import materialize_default_model
 
 
 def test_protocol_covers_the_21_tasks():

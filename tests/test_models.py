@@ -15,9 +15,9 @@ import re
 import pytest
 import torch
 
-from pqflex import models
-from pqflex.models import GGUF_INSTALL_COMMAND, find_default_gguf, load_default_model, materialize_default_model
-from pqflex.prompts import ANSWER_PREFIX, NEEDLE, passkey_found, passkey_prompt
+from pqflex.harness import models
+from pqflex.harness.models import GGUF_INSTALL_COMMAND, find_default_gguf, load_default_model, materialize_default_model
+from pqflex.harness.prompts import ANSWER_PREFIX, NEEDLE, passkey_found, passkey_prompt
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,7 @@ def test_index_decode_in_a_fixed_capacity_buffer_equals_growing_cache(backend, s
         static.store(kbuf, torch.tensor(n))
         assert torch.equal(static.codes[:, :, :n], grow.codes)
         want = grow.attend(q, k[:, :, :n], v[:, :, :n], D ** -0.5)
-        got = static.decode(q, kbuf, vbuf, torch.tensor(n), D ** -0.5)
+        got = static.step(q, kbuf, vbuf, torch.tensor(n), D ** -0.5)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         plan = grow.plan(q, D ** -0.5)
         torch.testing.assert_close(want, reference.masked_attention(q, k[:, :, :n], v[:, :, :n], plan, D ** -0.5),
@@ -125,7 +125,7 @@ def test_dense_decode_in_a_fixed_capacity_buffer_is_causal_sdpa():
     kbuf[:, :, :N], vbuf[:, :, :N] = k, v
     q = torch.randn(B, H, 1, D, generator=g)
     index.store(kbuf, torch.tensor(N))
-    got = index.decode(q, kbuf, vbuf, torch.tensor(N), D ** -0.5)
+    got = index.step(q, kbuf, vbuf, torch.tensor(N), D ** -0.5)
     torch.testing.assert_close(got, dense_causal(q, k, v, kv_mask), atol=1e-5, rtol=1e-5)
 
 
@@ -206,7 +206,7 @@ def test_streaming_budget_attends_sink_and_recent_only():
     attend = torch.zeros(B, Hkv, 1, N, dtype=torch.bool)
     attend[..., :4] = attend[..., N - 36:] = True
     want = reference.masked_attention(q, k[:, :, :N], v[:, :, :N], attend, D ** -0.5)
-    torch.testing.assert_close(index.decode(q, k, v, torch.tensor(N), D ** -0.5), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(index.step(q, k, v, torch.tensor(N), D ** -0.5), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("G", [1, 3])

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from pqflex import PQConfig
-from pqflex.cli import main
-from pqflex.evaluate import evaluate, method_runs, summarize, table
-from pqflex.models import materialize_default_model
-from pqflex.suite import TASKS, make_sample, score, vocabulary
+from pqflex.harness.cli import main
+from pqflex.harness.evaluate import evaluate, method_runs, summarize, table
+from pqflex.harness.models import materialize_default_model
+from pqflex.harness.suite import TASKS, make_sample, score, vocabulary
 
 
 @pytest.fixture(scope="module")

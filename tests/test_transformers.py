@@ -108,8 +108,8 @@ def test_pqcache_owns_state_and_keeps_its_own_config():
     with spy:
         generate(pq, prompt(300), **{CACHE_KW: cache})
     assert all((c == SPARSE.budget).all() for c in counts)
-    assert all(state.index is not None and state.index.num_tokens == 311 for state in cache.pq_layers)
-    assert pq.model.layers[0].self_attn._pqflex_state.index is None  # the module's own state was not used
+    assert all(layer.index is not None and layer.index.num_tokens == 311 for layer in cache.pq_layers)
+    assert len(cache.pq_layers) == 2 and not any("_pqflex_state" in vars(m) for m in pq.modules())
     assert pqflex.get_config(pq).budget == 1.0
 
 
@@ -121,27 +121,28 @@ def test_left_padded_batch_matches_sequences_alone(arch):
     N = max(lengths)
     ids = prompt(N, batch=3, seed=5)
     mask = torch.arange(N)[None, :] >= torch.tensor([N - n for n in lengths])[:, None]
-    batched = generate(pq, ids.masked_fill(~mask, 0), attention_mask=mask.long())
-    index = pq.model.layers[1].self_attn._pqflex_state.index
-    assert index.start.tolist() == [N - n for n in lengths]
+    cache = PQCache(pq)
+    batched = generate(pq, ids.masked_fill(~mask, 0), attention_mask=mask.long(), **{CACHE_KW: cache})
+    assert cache.pq_layers[1].index.start.tolist() == [N - n for n in lengths]
     for b, n in enumerate(lengths):
         assert torch.equal(batched[b], generate(pq, ids[b:b + 1, N - n:])[0]), f"row {b}"
 
 
-def test_multi_token_steps_after_prefill_match_single_steps():
+def test_multi_token_steps_after_decoding_match_single_steps():
     pq = make("llama")
     pqflex.configure(pq, SPARSE)
     ids = prompt(260)
     with torch.no_grad():
         chunked = pq(ids[:, :200], use_cache=True)
-        chunk = pq(ids[:, 200:], use_cache=True, **{CACHE_KW: chunked.past_key_values}).logits
+        chunked = pq(ids[:, 200:201], use_cache=True, **{CACHE_KW: chunked.past_key_values})  # decoding starts
+        chunk = pq(ids[:, 201:], use_cache=True, **{CACHE_KW: chunked.past_key_values}).logits
         single = pq(ids[:, :200], use_cache=True)
         cache, steps = single.past_key_values, []
         for t in range(200, 260):
             out = pq(ids[:, t:t + 1], use_cache=True, **{CACHE_KW: cache})
             cache = out.past_key_values
             steps.append(out.logits)
-    torch.testing.assert_close(chunk, torch.cat(steps, 1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunk, torch.cat(steps[1:], 1), rtol=1e-4, atol=1e-4)
 
 
 def test_second_generate_starts_fresh():
@@ -156,19 +157,12 @@ def test_second_generate_starts_fresh():
     assert torch.equal(generate(fresh, b), first_b)
 
 
-def test_out_of_sync_state_raises():
+def test_transformers_static_cache_is_refused():
     pq = make("llama")
-    pqflex.configure(pq, SPARSE)
-    with torch.no_grad():
-        out = pq(prompt(100), use_cache=True)
-        pq(prompt(50), use_cache=True)  # another sequence's prefill replaces the module's index
-        with pytest.raises(RuntimeError, match="100 cached tokens but an index of 50 tokens"):
-            pq(prompt(1), use_cache=True, **{CACHE_KW: out.past_key_values})
-
-
-def test_static_cache_is_refused():
-    pq = make("llama")
-    with pytest.raises(RuntimeError, match="static caches"):
+    with pytest.raises(RuntimeError, match="call pqflex.configure"):  # its first forward: the cache is unseen
+        generate(pq, prompt(20), cache_implementation="static")
+    pqflex.configure(pq)
+    with pytest.raises(NotImplementedError, match="pqflex.PQStaticCache; got StaticCache"):
         generate(pq, prompt(20), cache_implementation="static")
 
 

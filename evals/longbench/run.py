@@ -9,7 +9,7 @@ Protocol (:mod:`evals.longbench.protocol`): the official prompt of each task, tr
 ``--max-length`` tokens, the model's chat template except for trec, triviaqa, samsum, lsht, lcc and repobench-p,
 greedy decoding of the task's number of new tokens (samsum also stops at a newline), and the official metrics
 (:mod:`evals.longbench.metrics`). Every method decodes from the same dense prefill of each prompt
-(:func:`pqflex.evaluate.run_batch`). Writes ``predictions.jsonl``, ``scores.json`` and ``scores.md`` to ``--out``.
+(:func:`pqflex.harness.evaluate.run_batch`). Writes ``predictions.jsonl``, ``scores.json`` and ``scores.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def build_prompt(tokenizer, task: str, row: dict[str, Any], max_length: int) -> 
 def run(model, tokenizer, tasks: list[str], data: str | None, methods: list[str], budgets: list[float | int],
         max_length: int, limit: int | None = None, batch_size: int = 1, log=print) -> list[dict[str, Any]]:
     """Predictions and official scores of every task, method and budget; one row per sample and run."""
-    from pqflex.evaluate import run_batch
-    from pqflex.suite import Sample
+    from pqflex.harness.evaluate import run_batch
+    from pqflex.harness.suite import Sample
 
     newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
     out = []
@@ -119,8 +119,8 @@ def markdown(summary: dict[str, dict[str, float]], counts: dict[str, int]) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pqflex.cli import _budget
-    from pqflex.config import METHODS
+    from pqflex.harness.cli import _budget
+    from pqflex import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pqflex.bench import environment
-    from pqflex.models import load_default_model, load_model
+    from pqflex.harness.bench import environment
+    from pqflex.harness.models import load_default_model, load_model
 
     tasks = args.tasks.split(",")
     methods = args.methods.split(",")

@@ -1,21 +1,20 @@
-"""transformers glue: the ``"pqcache"`` attention implementation and :class:`PQCache`.
+"""transformers glue: the ``"pqcache"`` attention implementation, :class:`PQCache` and :class:`PQStaticCache`.
 
 Importing pqflex registers ``"pqcache"`` in transformers' attention and mask registries, so
 ``from_pretrained(..., attn_implementation="pqcache")`` and ``model.set_attn_implementation("pqcache")`` work.
-The attention function is an adapter: the first forward of a sequence (no past tokens) is a dense prefill that
-builds the layer's :class:`pqflex.PQIndex`; every later forward encodes its new keys and runs PQ retrieval attention.
+The attention function is an adapter: it finds the :class:`pqflex.PQLayer` that belongs to this forward's cache
+and layer, calls it and returns transformers' layout. The runtime decides prefill vs decode; nothing here does.
 
-Where the per-layer PQ state lives:
-
-- with a :class:`PQCache` passed to ``generate``, the cache owns it (one :class:`PQLayerState` per layer) and binds
-  each layer's state to its attention module on ``update``, through weak references;
-- with transformers' own cache (plain ``generate()``, lm-eval), each attention module keeps one state for the
-  batch in flight, rebuilt at every prefill.
+Where the PQ state lives: with the cache object that holds the keys, one :class:`pqflex.PQLayer` per layer.
+A forward pre-hook on each attention module passes the forward's cache to the attention function as a keyword
+(``pqflex_cache``), so concurrent requests on one model, each with its own cache, never share state. A
+:class:`PQCache` or :class:`PQStaticCache` owns its runtimes; transformers' own ``DynamicCache`` (plain
+``generate()``, lm-eval) is adopted on first sight: its class becomes :class:`PQCache`, so beam search's reorder,
+cropping and ``reset()`` carry the PQ state along with the keys. Other transformers caches raise.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -24,19 +23,20 @@ import transformers
 from packaging.version import Version
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 from transformers.cache_utils import Cache, StaticLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
+from pqflex.attention import causal_attention
 from pqflex.config import PQConfig
-from pqflex.index import PQIndex
+from pqflex.layer import PQLayer
 
 ATTN_IMPLEMENTATION = "pqcache"
 # The keyword that passes a cache to ``generate``: ``cache`` from transformers 5.24, ``past_key_values`` before.
 CACHE_KWARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
-_CONFIG_ATTR = "_pqflex_config"  # PQConfig set by configure() on attention modules
-_STATE_ATTR = "_pqflex_state"  # the module's own PQLayerState (transformers' caches)
-_BOUND_ATTR = "_pqflex_bound"  # weakref to the PQLayerState a PQCache bound for the current forward
+_CONFIG_ATTR = "_pqflex_config"  # PQConfig set by configure() on attention modules (settings, not state)
+_HOOK_ATTR = "_pqflex_hook"  # the handle of the module's forward pre-hook (see _pass_cache)
+CACHE_ARG = "pqflex_cache"  # the attention keyword that carries the forward's cache
+_NO_HOOK = object()  # CACHE_ARG's value when the module's hook did not run (its first pqcache forward)
 
 # Keyword arguments that ask the attention function for something pqflex does not implement.
 _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
@@ -45,25 +45,6 @@ _UNSUPPORTED_CONFIG = {
     "kv_lora_rank": "multi-head latent attention (MLA)",
     "attn_logit_softcapping": "attention logit soft-capping",
 }
-
-
-class PQLayerState:
-    """The PQ state of one attention layer for the batch of sequences in flight.
-
-    Attributes:
-        config: the settings of a :class:`PQCache`'s layers; None uses the module's (see :func:`configure`).
-        index: the layer's :class:`PQIndex`, built at prefill; None before.
-        bound_key: weak reference to the key tensor the owning :class:`PQCache` returned for this forward.
-    """
-
-    def __init__(self, config: PQConfig | None = None, layer: StaticLayer | None = None) -> None:
-        self.config = config
-        self.index: PQIndex | None = None
-        self.bound_key: weakref.ref | None = None
-        self.layer = layer  # the fixed-capacity cache layer of a PQStaticCache, None for growing caches
-
-    def reset(self) -> None:
-        self.index, self.bound_key = None, None
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -114,8 +95,8 @@ def check_supported(module: nn.Module, attention_kwargs: dict[str, Any] | None =
 def configure(model: nn.Module, config: PQConfig | None = None) -> nn.Module:
     """Make ``model`` use pqcache attention with ``config`` (default: ``PQConfig()``); returns the model.
 
-    Checks that the model is supported, switches its attention implementation to ``"pqcache"`` if it uses another
-    one, sets the config on every attention layer and drops any PQ state of an earlier sequence.
+    Checks that the model and the config are supported, switches its attention implementation to ``"pqcache"``
+    if it uses another one and sets the config on every attention layer (caches created afterwards use it).
     """
     config = PQConfig() if config is None else config
     if not isinstance(config, PQConfig):
@@ -124,11 +105,12 @@ def configure(model: nn.Module, config: PQConfig | None = None) -> nn.Module:
     for module in modules:
         setattr(module, _CHECKED_ATTR, False)  # the config may have changed since the last check
         check_supported(module)
+    check_config(config, modules)
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     for module in modules:
         setattr(module, _CONFIG_ATTR, config)
-        setattr(module, _STATE_ATTR, PQLayerState())
+        _install_hook(module)
     return model
 
 
@@ -137,16 +119,28 @@ def get_config(model: nn.Module) -> PQConfig:
     return getattr(_attention_modules(model)[0], _CONFIG_ATTR, None) or PQConfig()
 
 
-def _layer_state(module: nn.Module, key: torch.Tensor) -> PQLayerState:
-    bound = getattr(module, _BOUND_ATTR, None)
-    state = bound() if bound is not None else None
-    if state is not None and state.bound_key is not None and state.bound_key() is key:
-        return state
-    own = getattr(module, _STATE_ATTR, None)
-    if own is None:
-        own = PQLayerState()
-        setattr(module, _STATE_ATTR, own)
-    return own
+def check_config(config: PQConfig, modules: list[nn.Module]) -> None:
+    """Raise ``ValueError`` unless ``config`` fits the model's attention layers (``M`` divides the head dim)."""
+    if not isinstance(config, PQConfig):
+        raise TypeError(f"config must be a pqflex.PQConfig, got {type(config).__name__}")
+    for module in modules:
+        head_dim = getattr(module, "head_dim", None)
+        if isinstance(head_dim, int) and head_dim % config.M:
+            raise ValueError(f"PQConfig.M={config.M} does not divide the head dim {head_dim} of "
+                             f"{type(module).__name__}; allowed: a divisor of {head_dim}")
+
+
+def _pass_cache(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Forward pre-hook of an attention module: hand this forward's cache to the attention function."""
+    if getattr(module.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        return None
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the keyword's name from transformers 5.24 / before
+    return args, {**kwargs, CACHE_ARG: cache}
+
+
+def _install_hook(module: nn.Module) -> None:
+    if getattr(module, _HOOK_ATTR, None) is None:
+        setattr(module, _HOOK_ATTR, module.register_forward_pre_hook(_pass_cache, with_kwargs=True))
 
 
 def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -162,132 +156,163 @@ def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 def pqcache_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention function: dense prefill that builds the index, PQ retrieval attention after.
+    """transformers attention function: the layer runtime of this forward's cache attends.
 
     Args:
-        module: the attention layer (gives ``layer_idx``, ``config`` and the PQ state).
+        module: the attention layer (gives ``layer_idx`` and ``config``).
         query: ``[B, H, S, D]`` post-RoPE.
-        key, value: ``[B, Hkv, N, D]``, all cached tokens including the ``S`` new ones.
-        attention_mask: transformers' 4-D bool mask ``[B, 1, S, N]`` or None (no padding).
+        key, value: ``[B, Hkv, N, D]``, what the cache returned (all cached tokens, or a static buffer).
+        attention_mask: transformers' 4-D mask ``[B, 1, S, N]`` or None (no padding).
+        kwargs: ``pqflex_cache`` (the forward's cache, from the module's pre-hook) and transformers' own.
 
     Returns:
         ``([B, S, H, D], None)``.
     """
+    cache = kwargs.pop(CACHE_ARG, _NO_HOOK)
     check_supported(module, kwargs)
-    S, N = query.shape[-2], key.shape[-2]
-    state = _layer_state(module, key)
-    config = state.config or getattr(module, _CONFIG_ATTR, None) or PQConfig()
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if state.layer is not None:
-        return _static_forward(module, state, config, query, key, value, attention_mask, scale, dropout, kwargs)
-    if S == N:  # first forward of a sequence: dense prefill, then index the prompt
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                        scaling=scaling, **kwargs)
-        state.index = PQIndex.build(key, config, _padding_mask(attention_mask))
-        return out, None
-
-    index = state.index
-    if index is None or index.num_tokens != N - S or index.codes.shape[0] != key.shape[0]:
-        have = "no index" if index is None else f"an index of {index.num_tokens} tokens"
-        raise RuntimeError(
-            f"pqcache layer {module.layer_idx}: {N - S} cached tokens but {have}. pqcache needs the prefill to run "
-            "through it first, with transformers' dynamic cache or a pqflex.PQCache (static caches, cache cropping "
-            "and beam search are not supported)"
-        )
-    index.append(key[:, :, N - S:])
-    return index.attend(query, key, value, scale).transpose(1, 2).contiguous(), None
-
-
-def _static_forward(module: nn.Module, state: PQLayerState, config: PQConfig, query: torch.Tensor, key: torch.Tensor,
-                    value: torch.Tensor, attention_mask: torch.Tensor | None, scale: float, dropout: float,
-                    kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
-    """pqcache attention over the fixed-capacity buffers of a :class:`PQStaticCache` layer.
-
-    The prefill (eager) attends densely over the prompt and builds the index with the buffer's capacity; each
-    decode step (one query per sequence) encodes the new key and attends its sink + top-k + recent tokens with
-    static shapes and the token count read from the device, so it compiles once and replays as a CUDA graph.
-    """
-    S, capacity = query.shape[-2], key.shape[-2]
-    if state.index is None:  # prefill: the cache held no token before this forward
-        if torch.compiler.is_compiling():
-            raise RuntimeError("pqcache: run the prefill of a PQStaticCache eagerly (generate() does); only the "
-                               "decode step compiles")
-        cached = int(state.layer.cumulative_length)
-        if cached != S:
-            raise NotImplementedError(
-                f"pqcache layer {module.layer_idx}: a PQStaticCache must be prefilled in one forward from empty "
-                f"(it holds {cached} tokens after a forward of {S}); call cache.reset() before a new sequence"
+    if cache is _NO_HOOK:  # from_pretrained(attn_implementation="pqcache"): the module's first forward
+        _install_hook(module)
+    kv_mask = _padding_mask(attention_mask)
+    if cache is None or cache is _NO_HOOK:
+        if query.shape[-2] != key.shape[-2]:
+            raise RuntimeError(
+                f"pqcache layer {module.layer_idx}: the first pqcache forward of this model came with a cache of "
+                f"{key.shape[-2]} slots for {query.shape[-2]} new tokens, which pqcache cannot see yet (a cache filled "
+                "before switching to pqcache, or a fixed-size cache); call pqflex.configure(model) once before "
+                "such a forward"
             )
-        mask = None if attention_mask is None else attention_mask[..., :S]
-        out, _ = sdpa_attention_forward(module, query, key[:, :, :S], value[:, :, :S], mask, dropout=dropout,
-                                        scaling=scale, **kwargs)
-        state.index = PQIndex.build(key[:, :, :S], config, _padding_mask(mask), capacity=capacity)
-        for buffer in state.index.buffers():
-            torch._dynamo.mark_static_address(buffer)
-        return out, None
-    if S != 1:
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = causal_attention(query, key, value, kv_mask, scale)  # no cache: nothing to index
+    else:
+        layer, n = _layer_runtime(cache, module)
+        out = layer.forward(query, key, value, kv_mask, scaling, n)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _layer_runtime(cache: Cache, module: nn.Module) -> tuple[PQLayer, torch.Tensor | None]:
+    if type(cache) is DynamicCache:  # transformers' own: adopt it, so its PQ state lives and moves with it
+        cache.__class__ = PQCache
+    if not isinstance(cache, PQCacheMixin):
         raise NotImplementedError(
-            f"pqcache layer {module.layer_idx}: after the prefill a PQStaticCache decodes one token per forward, "
-            f"got {S}"
+            f"pqcache works with transformers' DynamicCache, pqflex.PQCache or pqflex.PQStaticCache; got "
+            f"{type(cache).__name__}"
         )
-    n = state.layer.cumulative_length  # tokens cached, the new one included (a device scalar)
-    state.index.store(key, n)
-    out = state.index.decode(query, key, value, n, scale)
-    return out.transpose(1, 2), None
+    return cache.pq_layer(module.layer_idx, getattr(module, _CONFIG_ATTR, None) or PQConfig())
 
 
-class PQCache(DynamicCache):
-    """transformers cache that owns the PQ state of every layer, for ``generate(past_key_values=PQCache(model))``.
+class PQCacheMixin:
+    """What :class:`PQCache` and :class:`PQStaticCache` share: one :class:`pqflex.PQLayer` per layer, and the
+    cache operations (reset, beam reorder, batch selection, crop) applied to keys and PQ state alike."""
 
-    It stores keys and values like :class:`transformers.DynamicCache` and holds one :class:`PQLayerState` per layer
-    (``pq_layers``). The attention layers must use ``attn_implementation="pqcache"``.
+    pq_config: PQConfig | None = None  # None: each layer takes what configure() set on its module
+
+    def _setup(self, model: nn.Module, config: PQConfig | None) -> None:
+        modules = _attention_modules(model)
+        for module in modules:
+            check_supported(module)
+            _install_hook(module)
+        self.pq_config = get_config(model) if config is None else config
+        check_config(self.pq_config, modules)
+
+    @property
+    def _pq_runtimes(self) -> dict[int, PQLayer]:
+        return self.__dict__.setdefault("_pqflex_layers", {})  # set lazily: an adopted DynamicCache has none
+
+    @property
+    def pq_layers(self) -> list[PQLayer]:
+        """The layer runtimes created so far, by layer index."""
+        return [self._pq_runtimes[i] for i in sorted(self._pq_runtimes)]
+
+    def pq_layer(self, layer_idx: int, config: PQConfig | None = None) -> tuple[PQLayer, torch.Tensor | None]:
+        """The runtime of layer ``layer_idx`` (created on first use) and its filled-token count (static caches)."""
+        runtimes = self._pq_runtimes
+        if layer_idx not in runtimes:
+            runtimes[layer_idx] = PQLayer(self.pq_config or config or PQConfig(), self._capacity(layer_idx))
+        return runtimes[layer_idx], self._filled(layer_idx)
+
+    @property
+    def pq_nbytes(self) -> int:
+        """Bytes of PQ state (codes and centroids) over all layers."""
+        return sum(layer.nbytes for layer in self._pq_runtimes.values())
+
+    def _capacity(self, layer_idx: int) -> int | None:
+        return None
+
+    def _filled(self, layer_idx: int) -> torch.Tensor | None:
+        return None
+
+    def reset(self) -> None:
+        super().reset()
+        for layer in self._pq_runtimes.values():
+            layer.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for layer in self._pq_runtimes.values():
+            layer.select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for layer in self._pq_runtimes.values():
+            layer.select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for layer in self._pq_runtimes.values():
+            if layer.index is not None:
+                layer.select_batch(torch.arange(layer.index.start.shape[0]).repeat_interleave(repeats))
+
+    def crop(self, max_length: int) -> None:
+        n = int(self.get_seq_length()) + max_length if max_length < 0 else max_length  # < 0: tokens to remove
+        for layer in self._pq_runtimes.values():  # before the keys go: a refused crop changes nothing
+            layer.crop(n)
+        super().crop(max_length)
+
+
+class PQCache(PQCacheMixin, DynamicCache):
+    """transformers cache that owns the PQ state of every layer: ``generate(..., past_key_values=PQCache(model))``.
+
+    It stores keys and values like :class:`transformers.DynamicCache` and holds one :class:`pqflex.PQLayer` per
+    layer. Beam search, contrastive search and cropping carry the PQ state along. The model's attention layers
+    must use ``attn_implementation="pqcache"``.
 
     Args:
-        model: the model it serves (its attention layers receive the PQ state).
+        model: the model it serves.
         config: PQ settings; default: what :func:`configure` set on the model, else ``PQConfig()``.
     """
 
     def __init__(self, model: nn.Module, config: PQConfig | None = None) -> None:
         super().__init__(config=model.config)
-        modules = _attention_modules(model)
-        for module in modules:
-            check_supported(module)
-        self.pq_config = get_config(model) if config is None else config
-        if not isinstance(self.pq_config, PQConfig):
-            raise TypeError(f"config must be a pqflex.PQConfig, got {type(self.pq_config).__name__}")
-        self._modules = {m.layer_idx: weakref.ref(m) for m in modules}
-        self.pq_layers = [PQLayerState(self.pq_config) for _ in range(max(self._modules) + 1)]
+        self._setup(model, config)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        module = self._modules[layer_idx]()
-        if module is not None:
-            state = self.pq_layers[layer_idx]
-            state.bound_key = weakref.ref(keys)
-            setattr(module, _BOUND_ATTR, weakref.ref(state))
-        return keys, values
+    @classmethod
+    def from_prefill(cls, model: nn.Module, cache: Cache, config: PQConfig | None = None,
+                     kv_mask: torch.Tensor | None = None) -> PQCache:
+        """A :class:`PQCache` holding a copy of a prefilled cache's keys and values, each layer's prompt indexed.
 
-    def reset(self) -> None:
-        super().reset()
-        for state in self.pq_layers:
-            state.reset()
+        Lets one dense prefill serve several decodes (full attention and pqcache from the same prompt).
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("PQCache does not support beam search (reorder_cache)")
-
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("PQCache does not support cropping (assisted generation)")
+        Args:
+            model: the model it serves.
+            cache: a transformers cache filled by a prefill (any attention implementation), left untouched.
+            config: PQ settings (default as in the constructor).
+            kv_mask: ``[B, N]`` bool left-padding mask of the prompt, True for real tokens; None = no padding.
+        """
+        out = cls(model, config)
+        for layer_idx, layer in enumerate(cache.layers):
+            keys, values = out.update(layer.keys.clone(), layer.values.clone(), layer_idx)
+            out.pq_layer(layer_idx)[0].prefill(keys, values, kv_mask)
+        return out
 
 
-class PQStaticCache(Cache):
+class PQStaticCache(PQCacheMixin, Cache):
     """Fixed-capacity cache for compiled decoding: ``generate(..., past_key_values=PQStaticCache(model, 40_000))``.
 
     Like transformers' ``StaticCache`` it preallocates keys and values ``[B, Hkv, capacity, D]`` at the first
-    forward and writes each step in place; it also owns the PQ state of every layer (codes for the whole capacity,
-    centroids, budgets). Its decode step has static shapes and no host synchronization, so ``generate`` compiles
-    it (on CUDA, with CUDA graphs: transformers compiles decoding automatically for this cache class). The prefill
-    must be one forward from empty; call :meth:`reset` before reusing the cache for a new batch.
+    forward and writes each step in place; its layer runtimes hold codes for the whole capacity. Its decode step
+    has static shapes and no host synchronization, so ``generate`` compiles it (on CUDA, with CUDA graphs:
+    transformers compiles decoding automatically for this cache class). The prefill runs eagerly; call
+    :meth:`reset` before reusing the cache for a new batch.
 
     Args:
         model: the model it serves (attention implementation ``"pqcache"``).
@@ -298,38 +323,17 @@ class PQStaticCache(Cache):
     def __init__(self, model: nn.Module, max_cache_len: int, config: PQConfig | None = None) -> None:
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
-        modules = _attention_modules(model)
-        for module in modules:
-            check_supported(module)
-        self.pq_config = get_config(model) if config is None else config
-        if not isinstance(self.pq_config, PQConfig):
-            raise TypeError(f"config must be a pqflex.PQConfig, got {type(self.pq_config).__name__}")
         capacity = -(-max_cache_len // 128) * 128
-        layers = [StaticLayer(capacity) for _ in range(max(m.layer_idx for m in modules) + 1)]
+        layers = [StaticLayer(capacity) for _ in range(max(m.layer_idx for m in _attention_modules(model)) + 1)]
         super().__init__(layers=layers)
-        self._modules = {m.layer_idx: weakref.ref(m) for m in modules}
-        self.pq_layers = [PQLayerState(self.pq_config, layer) for layer in layers]
+        self._setup(model, config)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        module = self._modules[layer_idx]()
-        if module is not None and not torch.compiler.is_compiling():  # bound at prefill; decode steps reuse it
-            state = self.pq_layers[layer_idx]
-            state.bound_key = weakref.ref(keys)
-            setattr(module, _BOUND_ATTR, weakref.ref(state))
-        return keys, values
+    def _capacity(self, layer_idx: int) -> int:
+        return self.layers[layer_idx].max_cache_len
 
-    def reset(self) -> None:
-        super().reset()
-        for state in self.pq_layers:
-            state.reset()
+    def _filled(self, layer_idx: int) -> torch.Tensor:
+        return self.layers[layer_idx].cumulative_length
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("PQStaticCache does not support beam search (reorder_cache)")
-
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("PQStaticCache does not support cropping (assisted generation)")
 
 
 def pqcache_mask(**kwargs: Any) -> torch.Tensor | None:

@@ -92,22 +92,23 @@ def kmeans_triton(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: 
     return reference.lloyd(xf, w, ksub, niter, seed, tol, step)
 
 
+@torch.library.custom_op("pqflex::kmeans", mutates_args=())
 def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
            tol: float = 0.0) -> torch.Tensor:
-    """k-means with the fastest backend for the tensors: Triton on CUDA (ksub >= 16), else the reference."""
+    """``torch.ops.pqflex.kmeans``: :func:`pqflex.ops.reference.kmeans` on any device, Triton on CUDA (ksub >= 16)."""
     _check(x, mask, ksub, niter)
-    if x.is_cuda and triton is not None and ksub >= 16:
-        return kmeans_triton(x, mask, ksub, niter, seed, tol)
     return reference.kmeans(x, mask, ksub, niter, seed, tol)
 
 
-@torch.library.custom_op("pqflex::kmeans", mutates_args=())
-def kmeans_op(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int,
-              tol: float) -> torch.Tensor:
-    """``torch.ops.pqflex.kmeans``: :func:`kmeans` as an op (opaque to ``torch.compile``)."""
-    return kmeans(x, mask, ksub, niter, seed, tol)
+@kmeans.register_kernel("cuda")
+def _kmeans_cuda(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
+                 tol: float = 0.0) -> torch.Tensor:
+    if triton is None or ksub < 16:
+        _check(x, mask, ksub, niter)
+        return reference.kmeans(x, mask, ksub, niter, seed, tol)
+    return kmeans_triton(x, mask, ksub, niter, seed, tol)
 
 
-@kmeans_op.register_fake
-def _kmeans_fake(x, mask, ksub, niter, seed, tol):
+@kmeans.register_fake
+def _kmeans_fake(x, mask, ksub, niter, seed=0, tol=0.0):
     return x.new_empty(x.shape[0], ksub, x.shape[2], dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""pq_encode: nearest-centroid codes of vectors, per sub-space (matches :func:`pqflex.ops.reference.encode`).
+"""pq_encode: nearest-centroid codes of vectors, per sub-space (matches :func:`pqflex.ops.reference.pq_encode`).
 
 ``codes[l, n, m] = argmin_c ||x[l, n, m*dsub:(m+1)*dsub] - centroids[l, m, c]||^2``; with the squared norm of
 ``x`` dropped, ``||c||^2 - 2 x.c`` is minimized, accumulating in fp32 (IEEE dot, so codes equal the reference's
@@ -9,30 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from pqflex.ops import reference
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
-
-
-def pq_encode_reference(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Plain-torch pq_encode.
-
-    Args:
-        x: ``[L, N, M * dsub]``.
-        centroids: ``[L, M, ksub, dsub]``.
-
-    Returns:
-        ``[L, N, M]`` uint8 codes.
-    """
-    from pqflex.ops import reference
-
-    L, N, _ = x.shape
-    M, ksub, dsub = centroids.shape[1:]
-    sub = x.reshape(L, N, M, dsub).transpose(1, 2).reshape(L * M, N, dsub)  # [L * M, N, dsub]
-    codes = reference.encode(sub, centroids.reshape(L * M, ksub, dsub))  # [L * M, N]
-    return codes.view(L, M, N).transpose(1, 2).to(torch.uint8).contiguous()
 
 
 def _check(x: torch.Tensor, centroids: torch.Tensor) -> None:
@@ -81,7 +64,7 @@ if triton is not None:
 
 
 def pq_encode_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Launch the Triton pq_encode (same contract as :func:`pq_encode_reference`)."""
+    """Launch the Triton pq_encode (same contract as :func:`pqflex.ops.reference.pq_encode`)."""
     _check(x, centroids)
     L, N, _ = x.shape
     M, ksub, dsub = centroids.shape[1:]
@@ -99,17 +82,21 @@ def pq_encode_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return codes
 
 
-@torch.library.triton_op("pqflex::pq_encode", mutates_args=())
+@torch.library.custom_op("pqflex::pq_encode", mutates_args=())
 def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """``torch.ops.pqflex.pq_encode``: Triton on CUDA, reference on the CPU."""
+    """``torch.ops.pqflex.pq_encode``: :func:`pqflex.ops.reference.pq_encode` on any device, Triton on CUDA."""
     _check(x, centroids)
-    # The device test also keeps torch.compile on the CPU tracing the reference instead of Triton kernels.
-    if triton is None or x.device.type != "cuda" or centroids.shape[2] < 16:
-        return pq_encode_reference(x, centroids)
+    return reference.pq_encode(x, centroids)
+
+
+@pq_encode.register_kernel("cuda")
+def _pq_encode_cuda(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    if triton is None or centroids.shape[2] < 16:
+        _check(x, centroids)
+        return reference.pq_encode(x, centroids)
     return pq_encode_triton(x, centroids)
 
 
-@pq_encode.register_kernel("cpu")
-def _pq_encode_cpu(x, centroids):
-    _check(x, centroids)
-    return pq_encode_reference(x, centroids)
+@pq_encode.register_fake
+def _pq_encode_fake(x, centroids):
+    return x.new_empty(x.shape[0], x.shape[1], centroids.shape[1], dtype=torch.uint8)

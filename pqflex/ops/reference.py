@@ -126,6 +126,23 @@ def encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return partial.argmin(-1)
 
 
+def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Codes of vectors split into ``M`` sub-vectors, each coded by its own sub-space's centroids.
+
+    Args:
+        x: ``[L, N, M * dsub]``.
+        centroids: ``[L, M, ksub, dsub]``.
+
+    Returns:
+        ``[L, N, M]`` uint8 codes.
+    """
+    L, N, _ = x.shape
+    M, ksub, dsub = centroids.shape[1:]
+    sub = x.reshape(L, N, M, dsub).transpose(1, 2).reshape(L * M, N, dsub)  # [L * M, N, dsub]
+    codes = encode(sub, centroids.reshape(L * M, ksub, dsub))  # [L * M, N]
+    return codes.view(L, M, N).transpose(1, 2).to(torch.uint8).contiguous()
+
+
 def compute_ip_table(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Inner products of each query sub-vector with the centroids of its sub-space.
 
@@ -240,3 +257,33 @@ def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     mask = attend.repeat_interleave(G, dim=1)  # [B, H, S, N]
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
     return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
+                            valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Exact attention of one query per sequence over the tokens listed for its KV head, by index.
+
+    The ``G = H // Hkv`` query heads of KV head ``h`` attend the keys at ``idx[b, h, t]`` for the slots ``t`` with
+    ``valid[b, h, t]``; the same as :func:`masked_attention` with the token bitmap of the list.
+
+    Args:
+        query: ``[B, H, 1, D]``.
+        key, value: ``[B, Hkv, C, D]`` (``C`` cached tokens or a static buffer's capacity).
+        idx: ``[B, Hkv, T]`` int32 or int64 positions in ``[0, C)``; the valid ones are distinct.
+        valid: ``[B, Hkv, T]`` bool, or None when every listed token is real.
+        scale: softmax scale.
+
+    Returns:
+        ``[B, H, 1, D]`` in the query dtype; a query whose list has no valid token gets zeros.
+    """
+    B, H, _, D = query.shape
+    _, Hkv, T = idx.shape
+    rows = idx.long()[..., None].expand(B, Hkv, T, D)
+    k = key.gather(2, rows).float()  # [B, Hkv, T, D]
+    v = value.gather(2, rows).float()
+    q = query.float().reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
+    logits = (q @ k.transpose(-1, -2)) * scale  # [B, Hkv, G, T]
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, :, None, :], -math.inf)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no valid token: all NaN -> zeros
+    return (probs @ v).reshape(B, H, 1, D).to(query.dtype)  # [B, H, 1, D]

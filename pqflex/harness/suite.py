@@ -4,7 +4,7 @@ In the spirit of RULER (Hsieh et al., 2024): each task hides what the answer nee
 requested token length with the model's own tokenizer, asks for it, and scores the greedy answer by string match
 (the fraction of the expected strings that appear in it, case-insensitive).
 
-- ``passkey``: a 5-digit pass key in repeated filler sentences (:mod:`pqflex.prompts`).
+- ``passkey``: a 5-digit pass key in repeated filler sentences (:mod:`pqflex.harness.prompts`).
 - ``niah_single``: one "special magic number" for a key, in a haystack of random-word sentences.
 - ``niah_multikey``: four numbers for four keys; the question asks for one (three distractors).
 - ``niah_multivalue``: four numbers for the same key; all four are asked for.
@@ -26,7 +26,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from pqflex.prompts import FILLER_SENTENCES, passkey_prompt
+from pqflex.harness.prompts import FILLER_SENTENCES, passkey_prompt
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 

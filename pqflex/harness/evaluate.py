@@ -1,4 +1,4 @@
-"""``pqflex eval``: the offline long-context suite (:mod:`pqflex.suite`), every method side by side.
+"""``pqflex eval``: the offline long-context suite (:mod:`pqflex.harness.suite`), every method side by side.
 
 Methods (:meth:`pqflex.PQConfig.for_method`): ``full`` attention, ``pqcache``, ``streaming`` (sink + recent only)
 and ``oracle`` (exact top-k), all under one budget accounting: sink + recent + selected = budget tokens per KV
@@ -20,10 +20,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from pqflex.config import METHODS, PQConfig
-from pqflex.index import PQIndex
-from pqflex.integrations.transformers import CACHE_KWARG, PQCache, configure
-from pqflex.suite import TASKS, Sample, make_sample, score, vocabulary
+from pqflex import CACHE_KWARG, METHODS, PQCache, PQConfig, configure
+from pqflex.harness.suite import TASKS, Sample, make_sample, score, vocabulary
 
 
 @dataclasses.dataclass
@@ -58,11 +56,7 @@ def _copy_cache(model, dense: DynamicCache, config: PQConfig | None, kv_mask: to
         for i, layer in enumerate(dense.layers):
             cache.update(layer.keys.clone(), layer.values.clone(), i)
         return cache
-    cache = PQCache(model, config)
-    for i, layer in enumerate(dense.layers):
-        cache.update(layer.keys.clone(), layer.values.clone(), i)
-        cache.pq_layers[i].index = PQIndex.build(layer.keys, config, kv_mask)
-    return cache
+    return PQCache.from_prefill(model, dense, config, kv_mask)
 
 
 def _greedy(model, first: torch.Tensor, cache, mask: torch.Tensor, max_new_tokens: int,
@@ -99,7 +93,7 @@ def run_batch(model, tokenizer, samples: list[Sample], methods: list[str], budge
     """Every method and budget on one batch of samples (one shared dense prefill).
 
     ``stop_ids``: tokens that end a sequence besides eos and pad; ``scorer(prediction, sample)``: the score of a
-    prediction (default: :func:`pqflex.suite.score`).
+    prediction (default: :func:`pqflex.harness.suite.score`).
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -249,13 +243,13 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def main(args) -> int:
-    """Entry point of ``pqflex eval`` (arguments parsed in :mod:`pqflex.cli`)."""
+    """Entry point of ``pqflex eval`` (arguments parsed in :mod:`pqflex.harness.cli`)."""
     if args.from_json:
         with open(args.from_json) as f:
             data = json.load(f)
     else:
-        from pqflex.bench import DTYPES, environment
-        from pqflex.models import load_default_model, load_model
+        from pqflex.harness.bench import DTYPES, environment
+        from pqflex.harness.models import load_default_model, load_model
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = DTYPES[args.dtype]

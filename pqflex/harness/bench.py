@@ -142,7 +142,7 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
 
     def step():
         index.store(k, n)
-        return index.decode(q, k, v, n, scale)
+        return index.step(q, k, v, n, scale)
 
     return graph_time_us(torch.compile(step, fullgraph=True, dynamic=False))
 
@@ -151,7 +151,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
                dtype: torch.dtype, device: str, options: dict[str, Any] | None = None, model=None) -> Result:
     """Prefill ``context`` random tokens, then decode ``warmup + new_tokens`` steps; time TTFT and TPOT."""
     import pqflex
-    from pqflex.integrations.transformers import CACHE_KWARG
+    from pqflex import CACHE_KWARG
     from transformers import DynamicCache, StaticCache
 
     if method not in METHODS:
@@ -253,7 +253,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 
 
 def main(args) -> int:
-    """Entry point of ``pqflex bench`` (arguments parsed in :mod:`pqflex.cli`)."""
+    """Entry point of ``pqflex bench`` (arguments parsed in :mod:`pqflex.harness.cli`)."""
     from pqflex import PQConfig
 
     if args.from_json:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pqflex.config import METHODS
-from pqflex.suite import TASKS
+from pqflex import METHODS
+from pqflex.harness.suite import TASKS
 
 
 def _budget(text: str) -> float | int:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "eval":
-        from pqflex import evaluate
+        from pqflex.harness import evaluate
 
         if args.samples < 1 or args.batch_size < 1:
             parser.error(f"--samples and --batch-size must be >= 1, got {args.samples} and {args.batch_size}")
@@ -117,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--resume needs --json (the file of the interrupted run)")
         return evaluate.main(args)
     if args.command == "bench":
-        from pqflex import bench as benchmark
+        from pqflex.harness import bench as benchmark
 
         if args.dtype is None:
             cuda = (args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")).startswith("cuda")
             args.dtype = "bf16" if cuda else "fp32"
         return benchmark.main(args)
     if args.command == "demo":
-        from pqflex import demo as demos
+        from pqflex.harness import demo as demos
 
         if args.synthetic:
             demos.synthetic_demo(args.length, args.budget, args.seed)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pqflex.config import PQConfig
-from pqflex.index import PQIndex
-from pqflex.ops import reference
-from pqflex.integrations.transformers import CACHE_KWARG, PQCache, configure
+from pqflex import CACHE_KWARG, PQCache, PQConfig, PQIndex, configure
 
 
 def _sync(device: torch.device) -> None:
@@ -47,15 +45,10 @@ def greedy_decode(model, first_logits: torch.Tensor, cache, max_new_tokens: int,
 def index_prefilled(model, dense_cache: DynamicCache, config: PQConfig) -> tuple[PQCache, float]:
     """A :class:`PQCache` holding a copy of a dense prefill's keys and values and their PQ index.
 
-    Returns the cache and the seconds spent building the index (k-means + encoding, all layers).
+    Returns the cache and the seconds spent building it (copy + k-means + encoding, all layers).
     """
-    cache, build_s = PQCache(model, config), 0.0
-    for layer_idx, layer in enumerate(dense_cache.layers):
-        cache.update(layer.keys.clone(), layer.values.clone(), layer_idx)
-        index, dt = _timed(lambda: PQIndex.build(layer.keys, config), layer.keys.device)
-        cache.pq_layers[layer_idx].index = index
-        build_s += dt
-    return cache, build_s
+    device = dense_cache.layers[0].keys.device
+    return _timed(lambda: PQCache.from_prefill(model, dense_cache, config), device)
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -69,8 +62,8 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
     The prompt is prefilled once, densely (pqcache prefills densely too); the two methods then decode from the
     same prefill: SDPA over all cached tokens, and pqcache over sink + top-k + recent tokens after indexing.
     """
-    from pqflex.models import load_default_model, load_model
-    from pqflex.prompts import passkey_found, passkey_prompt
+    from pqflex.harness.models import load_default_model, load_model
+    from pqflex.harness.prompts import passkey_found, passkey_prompt
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -98,7 +91,7 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
     first = out.logits[:, -1]
     pq_cache, index_s = index_prefilled(model, dense_cache, config)
     kv_bytes = sum(_nbytes(layer.keys, layer.values) for layer in dense_cache.layers)
-    index_bytes = sum(_nbytes(s.index.codes, s.index.quantizer.centroids) for s in pq_cache.pq_layers)
+    index_bytes = pq_cache.pq_nbytes
 
     dense_tokens, dense_step = greedy_decode(model, first, dense_cache, max_new_tokens, stop_ids)
     configure(model, config)
@@ -145,9 +138,9 @@ def synthetic_demo(n_ctx: int = 8192, budget: float | int = 0.1, seed: int = 0) 
     index = PQIndex.build(key, config)
     t1 = time.perf_counter()
     attend = index.plan(query, scale)  # [B, Hkv, 1, N]
-    out = reference.masked_attention(query, key, value, attend, scale)
+    out = index.attend(query, key, value, scale)
     t2 = time.perf_counter()
-    dense = reference.masked_attention(query, key, value, torch.ones_like(attend), scale)
+    dense = F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=True)
 
     b = config.resolve_budget(n_ctx)
     rel_err = ((out - dense).norm() / dense.norm()).item()

@@ -7,7 +7,7 @@ that takes seconds and the resulting model refuses ``save_pretrained``. :func:`m
 therefore converts it once into a plain Hugging Face directory (safetensors + tokenizer) in a cache directory,
 and :func:`load_default_model` loads that directory like any other checkpoint.
 
-transformers is imported inside the functions so that ``import pqflex.models`` stays cheap.
+transformers is imported inside the functions so that ``import pqflex.harness.models`` stays cheap.
 """
 
 from __future__ import annotations
