@@ -252,6 +252,11 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def device_and_dtype(args) -> tuple[str, torch.dtype]:
+    """The ``--device`` (default: CUDA when there is one) and ``--dtype`` of a command."""
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu"), DTYPES[args.dtype]
+
+
 def main(args) -> int:
     """Entry point of ``pqflex bench`` (arguments parsed in :mod:`pqflex.harness.cli`)."""
     from pqflex import PQConfig
@@ -261,8 +266,7 @@ def main(args) -> int:
             data = json.load(f)
         results = [Result(**r) for r in data["results"]]
     else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = DTYPES[args.dtype]
+        device, dtype = device_and_dtype(args)
         model_config(args.preset)  # bad preset names raise before any work
         for method in args.methods:
             if method not in METHODS:

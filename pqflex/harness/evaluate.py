@@ -248,11 +248,10 @@ def main(args) -> int:
         with open(args.from_json) as f:
             data = json.load(f)
     else:
-        from pqflex.harness.bench import DTYPES, environment
+        from pqflex.harness.bench import device_and_dtype, environment
         from pqflex.harness.models import load_default_model, load_model
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = DTYPES[args.dtype]
+        device, dtype = device_and_dtype(args)
         if args.model:
             model, tokenizer = load_model(args.model, "sdpa", device=device, dtype=dtype)
         else:
