@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 DENSE_WINDOW = 1 << 40
 
 KMEANS_DEVICES = ("auto", "cpu")
-ATTENTION_BACKENDS = ("gather", "flex")  # see pqflex.sparse
+ATTENTION_BACKENDS = ("fused", "gather", "flex")  # see pqflex.sparse
 SELECTIONS = ("token", "block")  # see pqflex.index
 SCORERS = ("pq", "exact")
 # Methods compared under one budget accounting (sink + recent + selected = budget); see PQConfig.for_method.
@@ -68,12 +68,15 @@ class PQConfig:
             ``1.0`` gives sink + recent only (StreamingLLM); the recent window always holds at least 1 token.
         min_context: contexts shorter than this are attended densely.
         niter: Lloyd iterations of k-means.
+        train_points: k-means trains on at most ``train_points * ksub`` middle keys per sequence and KV head, an
+            even stride through them (faiss's ``max_points_per_centroid``, 256 there too); 0 trains on all.
         seed: seed of the k-means initialization.
         tol: stop k-means early when the mean squared centroid shift falls below ``tol`` times the data variance;
             ``0.0`` runs exactly ``niter`` iterations with no host synchronization.
         kmeans_device: ``"auto"`` trains where the keys are; ``"cpu"`` trains on the CPU.
-        backend: how a decode step attends its tokens: ``"gather"`` (compact copy + SDPA, the default: fastest in
-            BENCHMARKS.md) or ``"flex"`` (FlexAttention with a block mask; fast only under ``torch.compile``).
+        backend: how a decode step attends its tokens: ``"gather"`` (compact copy + SDPA), ``"fused"`` (the
+            listed rows read by index in one Triton kernel, no copy) or ``"flex"`` (FlexAttention with a block
+            mask; fast only under ``torch.compile``). BENCHMARKS.md compares them.
         selection: what a decode step selects: ``"token"`` (the exact top-k tokens by PQ score, PQCache's rule) or
             ``"block"`` (the ``topk // block_size`` whole blocks of ``block_size`` middle tokens that hold the most
             PQ-estimated attention mass; cheaper to select, coarser; the top-k budget rounds down to whole blocks).
@@ -90,10 +93,11 @@ class PQConfig:
     recent_ratio: float = 0.5
     min_context: int = 1024
     niter: int = 20
+    train_points: int = 256
     seed: int = 0
     tol: float = 0.0
     kmeans_device: Literal["auto", "cpu"] = "auto"
-    backend: Literal["gather", "flex"] = "gather"
+    backend: Literal["fused", "gather", "flex"] = "gather"
     selection: Literal["token", "block"] = "token"
     block_size: int = 64
     scorer: Literal["pq", "exact"] = "pq"
@@ -111,7 +115,8 @@ class PQConfig:
         _check_float("recent_ratio", self.recent_ratio, 0.0, 1.0)
         _check_int("min_context", self.min_context, 0)
         _check_int("niter", self.niter, 1)
-        _check_int("seed", self.seed, 0)
+        _check_int("train_points", self.train_points, 0)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_float("tol", self.tol, 0.0, math.inf)
         if self.kmeans_device not in KMEANS_DEVICES:
             raise ValueError(f"PQConfig.kmeans_device={self.kmeans_device!r}; allowed: {KMEANS_DEVICES}")

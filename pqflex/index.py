@@ -38,6 +38,28 @@ def left_padding_start(kv_mask: torch.Tensor | None, B: int, N: int, device: tor
     return start.to(device)
 
 
+def training_sample(key: torch.Tensor, middle: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys k-means trains on: at most ``cap`` middle keys of each sequence, an even stride through them.
+
+    Args:
+        key: ``[B, Hkv, N, D]``; middle: ``[B, N]`` bool, the tokens top-k may select; cap: 0 keeps them all.
+
+    Returns:
+        ``keys [B, Hkv, T, D]`` (the sample of each sequence first, in position order) and ``mask [B, T]``.
+        A sequence's sample depends on its own tokens only (a padded row samples what it samples alone).
+    """
+    count = middle.sum(-1)  # [B]
+    if cap > 0:
+        stride = (-(-count // cap)).clamp(min=1)  # [B]
+        rank = middle.long().cumsum(-1) - 1  # [B, N] rank of each middle token
+        middle = middle & (rank % stride[:, None] == 0)
+    T = max(int(middle.sum(-1).max()), 1)
+    order = torch.argsort((~middle).to(torch.int8), dim=-1, stable=True)[:, :T]  # [B, T] sampled positions first
+    B, Hkv, _, D = key.shape
+    keys = key.gather(2, order[:, None, :, None].expand(B, Hkv, T, D))
+    return keys, middle.gather(-1, order)
+
+
 def select_blocks(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, topk: torch.Tensor, k_max: int,
                   block: int) -> torch.Tensor:
     """Block-granular selection: the tokens of the ``topk // block`` blocks with the most estimated attention mass.
@@ -134,8 +156,10 @@ class PQIndex:
             pq, codes = None, torch.zeros(B, Hkv, N, 0, dtype=torch.uint8, device=key.device)
         else:
             pq = ProductQuantizer(D, config.M, config.nbits)
-            train_keys = key.cpu() if config.kmeans_device == "cpu" else key
-            pq.train(train_keys, middle[:, None, :].expand(B, Hkv, N).to(train_keys.device), niter=config.niter,
+            train_keys, train_mask = training_sample(key, middle, config.train_points * config.ksub)
+            if config.kmeans_device == "cpu":
+                train_keys, train_mask = train_keys.cpu(), train_mask.cpu()
+            pq.train(train_keys, train_mask[:, None, :].expand(train_keys.shape[:3]), niter=config.niter,
                      seed=config.seed, tol=config.tol)
             pq.centroids = pq.centroids.to(key.device)
             codes = pq.encode(key)

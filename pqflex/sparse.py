@@ -3,7 +3,10 @@
 The token list of a step has a static width ``T = sink_max + k_max + recent_max``: the sink positions, the
 ``k_max`` slots of :func:`pqflex.ops.pq_select` (``-1`` = empty) and the recent window, each with a validity
 mask, so a decode step has the same shapes at every position and compiles once (no host sync, no data-dependent
-shape). Two backends attend over that list:
+shape). Three backends attend over that list:
+
+- ``"fused"``: :func:`torch.ops.pqflex.sparse_decode_attention` reads the listed rows straight from the cache by
+  index (no copy): a split-T Triton kernel with a combine step on CUDA, the reference elsewhere.
 
 - ``"gather"``: copy the listed keys and values into a compact ``[B, Hkv, T, D]`` buffer and run SDPA with the
   ``G`` query heads of each KV head packed as query rows (what the original PQCache does).
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pqflex.config import ATTENTION_BACKENDS
+from pqflex.ops import sparse_attention
 FLEX_KV_BLOCK = 128  # FlexAttention KV block size of the sparse decode mask
 
 
@@ -124,6 +128,8 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     ``all_valid=True`` promises that ``valid`` is all True (see :attr:`pqflex.PQIndex.full_lists`), which lets
     the gather backend skip the mask.
     """
+    if backend == "fused":
+        return sparse_attention.sparse_decode_attention(query, key, value, idx, None if all_valid else valid, scale)
     if backend == "gather":
         return gather_attention(query, key, value, idx, None if all_valid else valid, scale)
     if backend == "flex":

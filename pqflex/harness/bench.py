@@ -10,7 +10,9 @@ Speed does not depend on the weights, so each preset builds its model from a con
 Compiled steps use ``torch.compile(fullgraph=True, dynamic=False)``, with CUDA graphs (``mode="reduce-overhead"``)
 on CUDA. Reported: TTFT (the prefill forward, index build included), TPOT (median of the timed decode steps after
 the warm-up steps), the decode attention time of one layer at that context (a CUDA-graphed micro-benchmark of the
-method's attention step; dense SDPA for the sdpa methods), peak GPU memory, card and versions.
+method's attention step; dense SDPA for the sdpa methods), peak GPU memory, card and versions; and TTFT and TPOT
+as a user sees them, through ``model.generate()`` with a timestamp at every token (:func:`run_generate`:
+generate compiles the static caches' decode step itself, with CUDA graphs on CUDA).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class Result:
     attn_layer_us: float | None
     peak_gib: float | None
     steps: int
+    gen_ttft_s: float | None = None  # through model.generate(), per-token timestamps
+    gen_tpot_ms: float | None = None
 
 
 def model_config(preset: str):
@@ -202,6 +206,46 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
                   len(times))
 
 
+class _Stamps:
+    """A logits processor that synchronizes and stamps the time of every generated token (it changes nothing)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def run_generate(model, method: str, batch: int, context: int, new_tokens: int, warmup: int,
+                 device: str) -> tuple[float, float]:
+    """TTFT (s) and TPOT (ms, median over the tokens after ``warmup``) of ``model.generate()`` as users call it.
+
+    ``model`` is configured for the method already (:func:`run_method` did it). Greedy, ``min_new_tokens`` fixed.
+    """
+    import pqflex
+    from transformers import LogitsProcessorList
+
+    capacity = context + warmup + new_tokens + 1
+    kwargs: dict[str, Any] = {}
+    if method in ("pqcache", "pqflex-dense"):
+        kwargs[pqflex.CACHE_KWARG] = pqflex.PQStaticCache(model, capacity)
+    elif method == "sdpa-static":
+        kwargs["cache_implementation"] = "static"
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device,
+                        generator=torch.Generator(device=device).manual_seed(1))
+    stamps = _Stamps(device)
+    n = warmup + new_tokens
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, logits_processor=LogitsProcessorList([stamps]), **kwargs)
+    steps = [b - a for a, b in zip(stamps.times, stamps.times[1:])][warmup:]
+    return stamps.times[0] - t0, statistics.median(steps) * 1e3
+
+
 def environment(device: str) -> dict[str, str]:
     import transformers
 
@@ -220,13 +264,17 @@ def environment(device: str) -> dict[str, str]:
 
 
 def table(results: list[Result]) -> str:
-    head = "| preset | method | batch | context | budget | TTFT s | TPOT ms | attn µs/layer | peak GiB |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| preset | method | batch | context | budget | TTFT s | TPOT ms | generate TTFT s | generate TPOT ms "
+            "| attn µs/layer | peak GiB |")
+    lines = [head, "|" + "---|" * 11]
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
     for r in results:
-        attn = "-" if r.attn_layer_us is None else f"{r.attn_layer_us:.1f}"
-        peak = "-" if r.peak_gib is None else f"{r.peak_gib:.1f}"
         lines.append(f"| {r.preset} | {r.method} | {r.batch} | {r.context} | {r.budget} | {r.ttft_s:.3f} | "
-                     f"{r.tpot_ms:.2f} | {attn} | {peak} |")
+                     f"{r.tpot_ms:.2f} | {fmt(r.gen_ttft_s, '.3f')} | {fmt(r.gen_tpot_ms, '.2f')} | "
+                     f"{fmt(r.attn_layer_us, '.1f')} | {fmt(r.peak_gib, '.1f')} |")
     return "\n".join(lines)
 
 
@@ -271,8 +319,10 @@ def main(args) -> int:
         for method in args.methods:
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; allowed: {METHODS}")
-        options = dict(backend=args.backend, selection=args.selection, block_size=args.block_size)
-        PQConfig(**options)  # bad settings raise before any work
+        options = dict(args.pq, selection=args.selection, block_size=args.block_size)
+        if args.backend is not None:
+            options["backend"] = args.backend
+        PQConfig(**{**options, "budget": args.budget})  # bad settings raise before any work
         results, models = [], {}
         for batch in args.batch:
             for context in args.contexts:
@@ -284,12 +334,16 @@ def main(args) -> int:
                         models[attn] = build_model(args.preset, attn, dtype, device)
                     r = run_method(args.preset, method, batch, context, args.budget, args.new_tokens, args.warmup,
                                    dtype, device, options, model=models[attn])
+                    if not args.no_generate:
+                        r.gen_ttft_s, r.gen_tpot_ms = run_generate(models[attn], method, batch, context,
+                                                                   args.new_tokens, args.warmup, device)
                     if device.startswith("cuda") and not args.no_layer_attention:
                         r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, args.budget,
                                                              dtype, options)
                     results.append(r)
                     print(table([r]).splitlines()[-1], flush=True)
-                    data = {"environment": environment(device), "dtype": args.dtype, **options,
+                    data = {"environment": environment(device), "dtype": args.dtype,
+                            **dataclasses.asdict(PQConfig(**{**options, "budget": args.budget})),
                             "results": [dataclasses.asdict(r) for r in results]}
                     if args.json:  # rewritten after every run, so a long sweep keeps what it measured
                         with open(args.json, "w") as f:

@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--methods", type=lambda t: t.split(","), default=["pqcache", "pqflex-dense", "sdpa-static",
                                                                          "sdpa"],
                        help="comma-separated: pqcache, pqflex-dense, sdpa-static, sdpa")
-    bench.add_argument("--backend", default="gather", choices=["gather", "flex"], help="pqcache attention backend")
+    bench.add_argument("--backend", default=None, choices=["fused", "gather", "flex"],
+                       help="pqcache attention backend (default: PQConfig's)")
+    bench.add_argument("--pq", type=_settings, default={}, help="more PQConfig settings of pqcache, e.g. M=8,nbits=8")
     bench.add_argument("--selection", default="token", choices=["token", "block"], help="pqcache selection")
     bench.add_argument("--block-size", type=int, default=64, help="tokens per block of --selection block")
     bench.add_argument("--new-tokens", type=int, default=32, help="timed decode steps (default 32)")
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="default: bf16 on CUDA, fp32 on the CPU")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--no-layer-attention", action="store_true", help="skip the per-layer attention timing")
+    bench.add_argument("--no-generate", action="store_true",
+                       help="skip the TTFT/TPOT measurement through model.generate()")
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.add_argument("--plot", default=None, help="write a PNG of TPOT vs context (needs matplotlib)")
     bench.add_argument("--from-json", default=None, help="print (and --plot) the results of an earlier --json")
