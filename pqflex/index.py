@@ -38,26 +38,25 @@ def left_padding_start(kv_mask: torch.Tensor | None, B: int, N: int, device: tor
     return start.to(device)
 
 
-def training_sample(key: torch.Tensor, middle: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys k-means trains on: at most ``cap`` middle keys of each sequence, an even stride through them.
+def training_sample(middle: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which keys k-means trains on: at most ``cap`` middle tokens of each sequence, an even stride through them.
 
     Args:
-        key: ``[B, Hkv, N, D]``; middle: ``[B, N]`` bool, the tokens top-k may select; cap: 0 keeps them all.
+        middle: ``[B, N]`` bool, the tokens top-k may select; cap: 0 keeps them all.
 
     Returns:
-        ``keys [B, Hkv, T, D]`` (the sample of each sequence first, in position order) and ``mask [B, T]``.
-        A sequence's sample depends on its own tokens only (a padded row samples what it samples alone).
+        ``order [B, T]`` positions (each sequence's sample first, in position order) and ``mask [B, T]`` (True for
+        the sample). A sequence's sample depends on its own tokens only (a padded row samples what it does alone).
     """
-    count = middle.sum(-1)  # [B]
+    N = middle.shape[-1]
     if cap > 0:
+        count = middle.sum(-1)  # [B]
         stride = (-(-count // cap)).clamp(min=1)  # [B]
         rank = middle.long().cumsum(-1) - 1  # [B, N] rank of each middle token
         middle = middle & (rank % stride[:, None] == 0)
-    T = max(int(middle.sum(-1).max()), 1)
+    T = min(N, cap) if cap > 0 else N  # static: no host sync
     order = torch.argsort((~middle).to(torch.int8), dim=-1, stable=True)[:, :T]  # [B, T] sampled positions first
-    B, Hkv, _, D = key.shape
-    keys = key.gather(2, order[:, None, :, None].expand(B, Hkv, T, D))
-    return keys, middle.gather(-1, order)
+    return order, middle.gather(-1, order)
 
 
 def select_blocks(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, topk: torch.Tensor, k_max: int,
@@ -142,39 +141,66 @@ class PQIndex:
             capacity: allocate ``codes`` for this many tokens (a static cache; see :meth:`store`); the first
                 ``N`` rows hold the prompt. None sizes ``codes`` to the prompt (a growing cache; see :meth:`append`).
         """
-        B, Hkv, N, D = key.shape
-        start = left_padding_start(kv_mask, B, N, key.device)
-        lengths = (N - start).tolist()
+        return cls.build_layers([key], config, kv_mask, capacity)[0]
+
+    @classmethod
+    def build_layers(cls, keys: list[torch.Tensor], config: PQConfig, kv_mask: torch.Tensor | None = None,
+                     capacity: int | None = None, max_train_bytes: int = 1 << 30) -> list[PQIndex]:
+        """:meth:`build` for several layers over the same sequences, with one k-means for them all.
+
+        The budgets and the training sample's positions depend on the sequences only, so every layer shares
+        them; the layers' k-means problems run batched (a few launches per Lloyd iteration for all layers
+        instead of per layer), in groups of at most ``max_train_bytes`` of fp32 training keys.
+
+        Args:
+            keys: ``[B, Hkv, N, D]`` post-RoPE keys of each layer (same shape).
+            config, kv_mask, capacity: as in :meth:`build`.
+        """
+        if not keys or any(k.shape != keys[0].shape for k in keys):
+            raise ValueError(f"keys must be a non-empty list of equal shapes, got {[tuple(k.shape) for k in keys]}")
+        B, Hkv, N, D = keys[0].shape
+        device = keys[0].device
+        if capacity is not None and capacity < N:
+            raise ValueError(f"capacity={capacity} is smaller than the prompt ({N} tokens)")
+        start = left_padding_start(kv_mask, B, N, device)
+        lengths = [N] * B if kv_mask is None else (N - start).tolist()
         budgets = [config.resolve_budget(n) for n in lengths]
-        sink, recent, topk = (torch.tensor(col, dtype=torch.long, device=key.device) for col in
-                              list(zip(*budgets))[:3])
-        pos = torch.arange(N, device=key.device)
+        sink, recent, topk = (torch.tensor(col, dtype=torch.long, device=device) for col in list(zip(*budgets))[:3])
+        pos = torch.arange(N, device=device)
         middle = (pos >= (start + sink)[:, None]) & (pos < N - recent[:, None])  # [B, N]
 
         dense = all(b.dense for b in budgets)
         if config.scorer == "exact" or dense:  # nothing to quantize: the oracle scores the keys, dense rows no one
-            pq, codes = None, torch.zeros(B, Hkv, N, 0, dtype=torch.uint8, device=key.device)
+            quantizers = [None] * len(keys)
+            codes = [torch.zeros(B, Hkv, N, 0, dtype=torch.uint8, device=device) for _ in keys]
         else:
-            pq = ProductQuantizer(D, config.M, config.nbits)
-            train_keys, train_mask = training_sample(key, middle, config.train_points * config.ksub)
-            if config.kmeans_device == "cpu":
-                train_keys, train_mask = train_keys.cpu(), train_mask.cpu()
-            pq.train(train_keys, train_mask[:, None, :].expand(train_keys.shape[:3]), niter=config.niter,
-                     seed=config.seed, tol=config.tol)
-            pq.centroids = pq.centroids.to(key.device)
-            codes = pq.encode(key)
+            order, train_mask = training_sample(middle, config.train_points * config.ksub)
+            T = order.shape[-1]
+            group = max(1, max_train_bytes // (B * Hkv * T * D * 4))
+            quantizers, codes = [], []
+            for g in range(0, len(keys), group):
+                sample = torch.stack([k.gather(2, order[:, None, :, None].expand(B, Hkv, T, D))
+                                      for k in keys[g:g + group]])  # [L, B, Hkv, T, D]
+                mask = train_mask[None, :, None, :].expand(sample.shape[:4])
+                if config.kmeans_device == "cpu":
+                    sample, mask = sample.cpu(), mask.cpu()
+                pq = ProductQuantizer(D, config.M, config.nbits).train(sample, mask, niter=config.niter,
+                                                                        seed=config.seed, tol=config.tol)
+                for i, k in enumerate(keys[g:g + group]):
+                    layer_pq = ProductQuantizer(D, config.M, config.nbits)
+                    layer_pq.centroids = pq.centroids[i].to(device)
+                    quantizers.append(layer_pq)
+                    codes.append(layer_pq.encode(k))
         if capacity is not None:
-            if capacity < N:
-                raise ValueError(f"capacity={capacity} is smaller than the prompt ({N} tokens)")
-            codes = torch.cat([codes, codes.new_zeros(B, Hkv, capacity - N, codes.shape[-1])], dim=-2)
+            codes = [torch.cat([c, c.new_zeros(B, Hkv, capacity - N, c.shape[-1])], dim=-2) for c in codes]
         full_lists = len(set(budgets)) == 1 and not budgets[0].dense
         if config.selection == "block" and full_lists:  # enough whole middle blocks for every slot
             b, size = budgets[0], config.block_size
             lo = [N - n + b.sink_size for n in lengths]  # whole blocks in [lo, N - recent): floor(hi) - ceil(lo)
             full_lists = all((N - b.recent_size) // size - -(-x // size) >= b.topk // size for x in lo)
-        return cls(config, pq, codes, start, sink, recent, topk, k_max=max(b.topk for b in budgets),
-                   sink_max=max(b.sink_size for b in budgets), recent_max=max(b.recent_size for b in budgets),
-                   full_lists=full_lists, dense=dense)
+        widths = dict(k_max=max(b.topk for b in budgets), sink_max=max(b.sink_size for b in budgets),
+                      recent_max=max(b.recent_size for b in budgets), full_lists=full_lists, dense=dense)
+        return [cls(config, pq, c, start, sink, recent, topk, **widths) for pq, c in zip(quantizers, codes)]
 
     def append(self, key: torch.Tensor) -> None:
         """Encode new keys ``[B, Hkv, S, D]`` with the existing centroids; they become cached tokens."""

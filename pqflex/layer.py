@@ -31,6 +31,8 @@ class PQLayer:
     Args:
         config: PQ settings.
         capacity: tokens of a fixed-capacity KV buffer (a static cache); None for a growing cache.
+        deferred: the owner builds the index (a :class:`PQCacheState` indexes the prompts of all its layers in
+            one batched k-means); the prefill only records the prompt.
 
     Attributes:
         index: the :class:`PQIndex` of the prompt (and the tokens decoded since), None before it is built.
@@ -38,15 +40,16 @@ class PQLayer:
         decoding: True once a decode step ran; later multi-token forwards are steps, not prompt chunks.
     """
 
-    def __init__(self, config: PQConfig, capacity: int | None = None) -> None:
+    def __init__(self, config: PQConfig, capacity: int | None = None, deferred: bool = False) -> None:
         if not isinstance(config, PQConfig):
             raise TypeError(f"config must be a pqflex.PQConfig, got {type(config).__name__}")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be None (growing cache) or an int >= 1, got {capacity!r}")
-        self.config, self.capacity = config, capacity
+        self.config, self.capacity, self.deferred = config, capacity, deferred
         self.index: PQIndex | None = None
         self.prompt_tokens = 0
         self.decoding = False
+        self.prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None  # keys and padding not yet indexed
 
     def __repr__(self) -> str:
         state = "decoding" if self.decoding else f"prompt of {self.prompt_tokens} tokens"
@@ -54,7 +57,7 @@ class PQLayer:
 
     def reset(self) -> None:
         """Forget the sequence: the next forward starts a new prompt."""
-        self.index, self.prompt_tokens, self.decoding = None, 0, False
+        self.index, self.prompt_tokens, self.decoding, self.prompt = None, 0, False, None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_mask: torch.Tensor | None = None, scale: float | None = None,
@@ -79,8 +82,9 @@ class PQLayer:
         """A prompt forward: dense causal attention of ``query`` (if given) over the cached tokens.
 
         The cached tokens so far are the prompt. A fixed-capacity cache builds their index now; a growing one at
-        the first decode step. Without ``query`` (a cache filled elsewhere, e.g. copied from a dense prefill) the
-        index is built now and nothing is attended. Runs eagerly (it reads the prompt length on the host).
+        the first decode step; a deferred runtime leaves it to its owner. Without ``query`` (a cache filled
+        elsewhere, e.g. copied from a dense prefill) the index is built now and nothing is attended. Runs eagerly
+        (it reads the prompt length on the host).
         """
         if self.decoding:
             raise RuntimeError("PQLayer.prefill after decoding started: reset() before a new prompt")
@@ -89,8 +93,8 @@ class PQLayer:
         N = self._filled(key, n)
         key_n, value_n = key[:, :, :N], value[:, :, :N]
         mask_n = None if kv_mask is None else kv_mask[:, :N]
-        self.prompt_tokens, self.index = N, None
-        if self.capacity is not None or query is None:
+        self.prompt_tokens, self.index, self.prompt = N, None, (key_n, mask_n)
+        if not self.deferred and (query is None or self.capacity is not None):
             self._build(key_n, mask_n)
         if query is None:
             return None
@@ -108,6 +112,8 @@ class PQLayer:
         S = query.shape[-2]
         scale = self._scale(query, scale)
         if self.capacity is not None:
+            if self.index is None and self.prompt is not None and not torch.compiler.is_compiling():
+                self._build(*self.prompt)
             if self.index is None:
                 raise RuntimeError("pqflex: a fixed-capacity cache must be prefilled (a forward of the prompt) "
                                    "before its first decode step")
@@ -139,6 +145,10 @@ class PQLayer:
     def select_batch(self, indices: torch.Tensor) -> None:
         """Keep the sequences ``indices`` ``[B']`` in that order (beam search reorders, contrastive search picks)."""
         if self.index is None:
+            if self.prompt is not None:
+                key, mask = self.prompt
+                idx = indices.to(key.device)
+                self.prompt = key.index_select(0, idx), None if mask is None else mask.index_select(0, idx)
             return
         new = self.index.select_batch(indices)
         if self.capacity is not None and new.codes.shape == self.index.codes.shape:
@@ -152,6 +162,9 @@ class PQLayer:
         """Forget the tokens from position ``n`` on; once indexed, only decoded tokens can go."""
         if self.index is None:
             self.prompt_tokens = min(self.prompt_tokens, n)
+            if self.prompt is not None:
+                key, mask = self.prompt
+                self.prompt = key[:, :, :n], None if mask is None else mask[:, :n]
             return
         if n < self.prompt_tokens:
             raise NotImplementedError(f"pqflex: cannot crop to {n} tokens, inside the indexed prompt of "
@@ -164,9 +177,13 @@ class PQLayer:
         """Bytes of PQ state (codes and centroids) this layer holds."""
         return 0 if self.index is None else self.index.nbytes
 
+    def set_index(self, index: PQIndex) -> None:
+        """Take the index of the recorded prompt (built by the owner of a deferred runtime)."""
+        self.index, self.prompt = index, None
+        self._mark_static(index)
+
     def _build(self, key: torch.Tensor, kv_mask: torch.Tensor | None) -> None:
-        self.index = PQIndex.build(key, self.config, kv_mask, capacity=self.capacity)
-        self._mark_static(self.index)
+        self.set_index(PQIndex.build(key, self.config, kv_mask, capacity=self.capacity))
 
     def _mark_static(self, index: PQIndex) -> None:
         if self.capacity is not None:
@@ -186,3 +203,73 @@ class PQLayer:
     @staticmethod
     def _scale(query: torch.Tensor, scale: float | None) -> float:
         return query.shape[-1] ** -0.5 if scale is None else scale
+
+
+class PQCacheState:
+    """The PQ state of one cache: a :class:`PQLayer` per layer, whose prompts are indexed together.
+
+    Once the prompt is complete (the first decode step of a growing cache; the prefill forward of the last layer
+    of a fixed-capacity one) every layer's prompt is indexed by one batched k-means
+    (:meth:`pqflex.PQIndex.build_layers`): a few launches per Lloyd iteration for the whole model.
+
+    Args:
+        capacity: tokens of each layer's fixed-capacity buffer; None for a growing cache.
+        num_layers: layers of the model (needed with ``capacity``: the last one completes the prompt).
+    """
+
+    def __init__(self, capacity: int | None = None, num_layers: int | None = None) -> None:
+        if capacity is not None and num_layers is None:
+            raise ValueError("a fixed-capacity PQCacheState needs num_layers")
+        self.capacity, self.num_layers = capacity, num_layers
+        self.layers: dict[int, PQLayer] = {}
+
+    def layer(self, layer_idx: int, config: PQConfig) -> PQLayer:
+        """The runtime of layer ``layer_idx``, created with ``config`` on first use."""
+        if layer_idx not in self.layers:
+            self.layers[layer_idx] = PQLayer(config, self.capacity, deferred=True)
+        return self.layers[layer_idx]
+
+    def forward(self, layer_idx: int, config: PQConfig, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, kv_mask: torch.Tensor | None = None, scale: float | None = None,
+                n: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`PQLayer.forward` of layer ``layer_idx``, indexing every layer's prompt once it is complete."""
+        layer = self.layer(layer_idx, config)
+        S = query.shape[-2]
+        if S == 1 and layer.index is None and not torch.compiler.is_compiling():
+            self.build_pending()
+        out = layer.forward(query, key, value, kv_mask, scale, n)
+        if self.capacity is not None and S > 1 and layer_idx == self.num_layers - 1 and not layer.decoding:
+            self.build_pending()
+        return out
+
+    def build_pending(self) -> None:
+        """Index the recorded prompts of all layers, one batched k-means per (config, prompt) group."""
+        groups: dict[tuple, list[PQLayer]] = {}
+        for layer in self.layers.values():
+            if layer.index is None and layer.prompt is not None:
+                key, mask = layer.prompt
+                groups.setdefault((layer.config, key.shape, key.device, key.dtype), []).append(layer)
+        for (config, *_), layers in groups.items():
+            mask = layers[0].prompt[1]
+            indexes = PQIndex.build_layers([layer.prompt[0] for layer in layers], config, mask, self.capacity)
+            for layer, index in zip(layers, indexes):
+                layer.set_index(index)
+
+    def reset(self) -> None:
+        for layer in self.layers.values():
+            layer.reset()
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        for layer in self.layers.values():
+            layer.select_batch(indices)
+
+    def crop(self, n: int) -> None:
+        for layer in self.layers.values():  # checks first: a refused crop changes nothing
+            if layer.index is not None and n < layer.prompt_tokens:
+                layer.crop(n)
+        for layer in self.layers.values():
+            layer.crop(n)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers.values())

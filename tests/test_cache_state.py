@@ -1,6 +1,7 @@
 """PQ state lives with the cache: interleaved requests, threads, beam search, chunked prefill, the layer runtime."""
 
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -184,3 +185,30 @@ def test_layer_runtime_detects_a_cache_changed_behind_its_back():
     layer.forward(q[:, :, 200:201], k[:, :, :201], v[:, :, :201])
     with pytest.raises(RuntimeError, match="changed outside pqflex"):
         layer.forward(q[:, :, 250:251], k[:, :, :251], v[:, :, :251])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_all_layers_indexed_by_one_batched_build(static):
+    """The prompt of every layer is indexed by one build_layers call, equal to per-layer builds."""
+    pq = make("llama")
+    pqflex.configure(pq, SPARSE)
+    ids = prompt(300, seed=12)
+    calls = []
+    original = pqflex.PQIndex.build_layers.__func__
+
+    def spy(cls, keys, *args, **kwargs):
+        calls.append(len(keys))
+        return original(cls, keys, *args, **kwargs)
+
+    cache = pqflex.PQStaticCache(pq, 320) if static else PQCache(pq)
+    with mock.patch.object(pqflex.PQIndex, "build_layers", classmethod(spy)):
+        generate(pq, ids, n=4, **{CACHE_KW: cache}, disable_compile=True)
+    assert calls == [2]  # one call for the model's 2 layers
+    for layer in cache.pq_layers:
+        alone = pqflex.PQIndex.build(_prompt_keys(cache, layer), SPARSE)
+        assert torch.equal(layer.index.quantizer.centroids, alone.quantizer.centroids)
+
+
+def _prompt_keys(cache, layer):
+    i = next(i for i, runtime in cache.pq_state.layers.items() if runtime is layer)
+    return cache.layers[i].keys[:, :, :layer.prompt_tokens]

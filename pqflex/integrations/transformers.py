@@ -27,7 +27,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from pqflex.attention import causal_attention
 from pqflex.config import PQConfig
-from pqflex.layer import PQLayer
+from pqflex.layer import PQCacheState, PQLayer
 
 ATTN_IMPLEMENTATION = "pqcache"
 # The keyword that passes a cache to ``generate``: ``cache`` from transformers 5.24, ``past_key_values`` before.
@@ -184,12 +184,11 @@ def pqcache_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         out = causal_attention(query, key, value, kv_mask, scale)  # no cache: nothing to index
     else:
-        layer, n = _layer_runtime(cache, module)
-        out = layer.forward(query, key, value, kv_mask, scaling, n)
+        out = _pq_state(cache).pq_forward(module, query, key, value, kv_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _layer_runtime(cache: Cache, module: nn.Module) -> tuple[PQLayer, torch.Tensor | None]:
+def _pq_state(cache: Cache) -> PQCacheMixin:
     if type(cache) is DynamicCache:  # transformers' own: adopt it, so its PQ state lives and moves with it
         cache.__class__ = PQCache
     if not isinstance(cache, PQCacheMixin):
@@ -197,12 +196,13 @@ def _layer_runtime(cache: Cache, module: nn.Module) -> tuple[PQLayer, torch.Tens
             f"pqcache works with transformers' DynamicCache, pqflex.PQCache or pqflex.PQStaticCache; got "
             f"{type(cache).__name__}"
         )
-    return cache.pq_layer(module.layer_idx, getattr(module, _CONFIG_ATTR, None) or PQConfig())
+    return cache
 
 
 class PQCacheMixin:
-    """What :class:`PQCache` and :class:`PQStaticCache` share: one :class:`pqflex.PQLayer` per layer, and the
-    cache operations (reset, beam reorder, batch selection, crop) applied to keys and PQ state alike."""
+    """What :class:`PQCache` and :class:`PQStaticCache` share: a :class:`pqflex.PQCacheState` (one
+    :class:`pqflex.PQLayer` per layer), and the cache operations (reset, beam reorder, batch selection, crop)
+    applied to keys and PQ state alike."""
 
     pq_config: PQConfig | None = None  # None: each layer takes what configure() set on its module
 
@@ -215,57 +215,55 @@ class PQCacheMixin:
         check_config(self.pq_config, modules)
 
     @property
-    def _pq_runtimes(self) -> dict[int, PQLayer]:
-        return self.__dict__.setdefault("_pqflex_layers", {})  # set lazily: an adopted DynamicCache has none
+    def pq_state(self) -> PQCacheState:
+        """The PQ state of this cache (created on first use: an adopted DynamicCache starts without one)."""
+        if "_pqflex_state" not in self.__dict__:
+            self.__dict__["_pqflex_state"] = self._new_state()
+        return self.__dict__["_pqflex_state"]
 
     @property
     def pq_layers(self) -> list[PQLayer]:
         """The layer runtimes created so far, by layer index."""
-        return [self._pq_runtimes[i] for i in sorted(self._pq_runtimes)]
-
-    def pq_layer(self, layer_idx: int, config: PQConfig | None = None) -> tuple[PQLayer, torch.Tensor | None]:
-        """The runtime of layer ``layer_idx`` (created on first use) and its filled-token count (static caches)."""
-        runtimes = self._pq_runtimes
-        if layer_idx not in runtimes:
-            runtimes[layer_idx] = PQLayer(self.pq_config or config or PQConfig(), self._capacity(layer_idx))
-        return runtimes[layer_idx], self._filled(layer_idx)
+        return [self.pq_state.layers[i] for i in sorted(self.pq_state.layers)]
 
     @property
     def pq_nbytes(self) -> int:
         """Bytes of PQ state (codes and centroids) over all layers."""
-        return sum(layer.nbytes for layer in self._pq_runtimes.values())
+        return self.pq_state.nbytes
 
-    def _capacity(self, layer_idx: int) -> int | None:
-        return None
+    def _new_state(self) -> PQCacheState:
+        return PQCacheState()
 
     def _filled(self, layer_idx: int) -> torch.Tensor | None:
         return None
 
+    def pq_forward(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   kv_mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+        """The attention of ``module``'s layer through this cache's PQ state."""
+        config = self.pq_config or getattr(module, _CONFIG_ATTR, None) or PQConfig()
+        return self.pq_state.forward(module.layer_idx, config, query, key, value, kv_mask, scale,
+                                     self._filled(module.layer_idx))
+
     def reset(self) -> None:
         super().reset()
-        for layer in self._pq_runtimes.values():
-            layer.reset()
+        self.pq_state.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        for layer in self._pq_runtimes.values():
-            layer.select_batch(beam_idx)
+        self.pq_state.select_batch(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        for layer in self._pq_runtimes.values():
-            layer.select_batch(indices)
+        self.pq_state.select_batch(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = self.layers[0].keys.shape[0] if self.layers and self.layers[0].keys is not None else 0
         super().batch_repeat_interleave(repeats)
-        for layer in self._pq_runtimes.values():
-            if layer.index is not None:
-                layer.select_batch(torch.arange(layer.index.start.shape[0]).repeat_interleave(repeats))
+        self.pq_state.select_batch(torch.arange(batch).repeat_interleave(repeats))
 
     def crop(self, max_length: int) -> None:
         n = int(self.get_seq_length()) + max_length if max_length < 0 else max_length  # < 0: tokens to remove
-        for layer in self._pq_runtimes.values():  # before the keys go: a refused crop changes nothing
-            layer.crop(n)
+        self.pq_state.crop(n)  # before the keys go: a refused crop changes nothing
         super().crop(max_length)
 
 
@@ -301,7 +299,8 @@ class PQCache(PQCacheMixin, DynamicCache):
         out = cls(model, config)
         for layer_idx, layer in enumerate(cache.layers):
             keys, values = out.update(layer.keys.clone(), layer.values.clone(), layer_idx)
-            out.pq_layer(layer_idx)[0].prefill(keys, values, kv_mask)
+            out.pq_state.layer(layer_idx, out.pq_config).prefill(keys, values, kv_mask)
+        out.pq_state.build_pending()
         return out
 
 
@@ -328,8 +327,8 @@ class PQStaticCache(PQCacheMixin, Cache):
         super().__init__(layers=layers)
         self._setup(model, config)
 
-    def _capacity(self, layer_idx: int) -> int:
-        return self.layers[layer_idx].max_cache_len
+    def _new_state(self) -> PQCacheState:
+        return PQCacheState(self.layers[0].max_cache_len, len(self.layers))
 
     def _filled(self, layer_idx: int) -> torch.Tensor:
         return self.layers[layer_idx].cumulative_length
