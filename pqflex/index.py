@@ -19,7 +19,7 @@ from pqflex.config import PQConfig
 from pqflex.ops import reference
 from pqflex.ops.pq_select import pq_select
 from pqflex.quantizer import ProductQuantizer
-from pqflex.sparse import decode_token_list, sparse_decode_attention
+from pqflex.sparse import FLEX_KV_BLOCK, decode_token_list, sparse_decode_attention
 
 
 def left_padding_start(kv_mask: torch.Tensor | None, B: int, N: int, device: torch.device) -> torch.Tensor:
@@ -296,7 +296,10 @@ class PQIndex:
             return out.reshape(query.shape)
         idx, valid = decode_token_list(self.select(query, n, scale, key), self.start, self.sink, self.recent, n,
                                        self.sink_max, min(self.recent_max, C))
-        return sparse_decode_attention(query, key, value, idx, valid, scale, self.config.backend, self.full_lists)
+        block = self.config.block_size  # flex skips whole KV blocks: match the selection's (multiples of 16)
+        kv_block = block if self.config.selection == "block" and block % 16 == 0 else FLEX_KV_BLOCK
+        return sparse_decode_attention(query, key, value, idx, valid, scale, self.config.backend, self.full_lists,
+                                       kv_block)
 
     def plan(self, query: torch.Tensor, scale: float, key: torch.Tensor | None = None) -> torch.Tensor:
         """Which cached tokens each query attends, per KV head.

@@ -122,16 +122,17 @@ def flex_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
                             valid: torch.Tensor, scale: float, backend: str = "gather",
-                            all_valid: bool = False) -> torch.Tensor:
+                            all_valid: bool = False, kv_block: int = FLEX_KV_BLOCK) -> torch.Tensor:
     """Exact attention ``[B, H, 1, D]`` of one query per sequence over the tokens of :func:`decode_token_list`.
 
     ``all_valid=True`` promises that ``valid`` is all True (see :attr:`pqflex.PQIndex.full_lists`), which lets
-    the gather backend skip the mask.
+    the fused and gather backends skip the mask. ``kv_block``: FlexAttention's KV block size (the selection's
+    block size for block selection, so that flex skips whole unselected blocks).
     """
     if backend == "fused":
         return sparse_attention.sparse_decode_attention(query, key, value, idx, None if all_valid else valid, scale)
     if backend == "gather":
         return gather_attention(query, key, value, idx, None if all_valid else valid, scale)
     if backend == "flex":
-        return flex_sparse_attention(query, key, value, idx, valid, scale)
+        return flex_sparse_attention(query, key, value, idx, valid, scale, kv_block)
     raise ValueError(f"sparse attention backend {backend!r} is not supported; allowed: {ATTENTION_BACKENDS}")

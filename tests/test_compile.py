@@ -47,11 +47,11 @@ def test_static_cache_matches_growing_cache_eager():
     assert torch.equal(again, want)
 
 
-@pytest.mark.parametrize("selection", ["token", "block"])
-def test_compiled_decode_has_one_graph_and_never_recompiles(no_recompile, selection):
+@pytest.mark.parametrize("selection,backend", [("token", "gather"), ("block", "gather"), ("token", "fused")])
+def test_compiled_decode_has_one_graph_and_never_recompiles(no_recompile, selection, backend):
     """generate() compiles the decode step with fullgraph=True: one graph for all steps and for a second run."""
     pq = make("llama")
-    pqflex.configure(pq, SPARSE.replace(selection=selection, block_size=8))
+    pqflex.configure(pq, SPARSE.replace(selection=selection, block_size=8, backend=backend))
     ids, mask = padded_prompt()
     want = generate(pq, ids, **mask, **{CACHE_KW: pqflex.PQCache(pq)})
     cache = PQStaticCache(pq, 320)
@@ -95,7 +95,7 @@ def test_static_cache_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["gather", "flex"])
+@pytest.mark.parametrize("backend", ["fused", "gather", "flex"])
 def test_cuda_generate_compiles_with_cuda_graphs(backend):
     """On CUDA, generate() auto-compiles (reduce-overhead: CUDA graphs) and gives the eager tokens."""
     pq = make("qwen3").cuda()  # head dim 16: FlexAttention's smallest

@@ -47,7 +47,7 @@ def reference_attention(q, k, v, idx, valid, scale):
     return reference.masked_attention(q, k, v, attend, scale)
 
 
-@pytest.mark.parametrize("backend", ["gather", "flex"])
+@pytest.mark.parametrize("backend", ["fused", "gather", "flex"])
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backends_match_reference(backend, G, dtype):
@@ -86,8 +86,8 @@ def test_bad_backend_and_query_length_raise():
         PQConfig(backend="dense")
 
 
-@pytest.mark.parametrize("backend,selection", [("gather", "token"), ("flex", "token"), ("gather", "block"),
-                                               ("flex", "block")])
+@pytest.mark.parametrize("backend,selection", [("gather", "token"), ("flex", "token"), ("fused", "token"),
+                                               ("gather", "block"), ("flex", "block"), ("fused", "block")])
 def test_index_decode_in_a_fixed_capacity_buffer_equals_growing_cache(backend, selection):
     """store + decode on a static buffer == append + attend on the exact-size cache, and both == reference."""
     cfg = PQConfig(budget=48, sink_size=4, min_context=0, niter=6, backend=backend, selection=selection,
