@@ -1,11 +1,13 @@
-"""Decode attention of one layer on one GPU: pqcache's backends against dense SDPA, after a correctness check.
+"""Decode attention of one layer on one GPU: pqcache's PQ settings and backends against dense SDPA.
 
-Per context (Llama-3.1-8B attention: Hkv=8, G=4, D=128, bf16): dense SDPA over the context; pqcache's whole
-compiled step (encode the new key, score + select, attend) with the ``gather`` and ``flex`` backends, with token
-and block selection; the selection alone; and ``pqflex-dense`` (budget 1.0 in the same machinery). Times are
-medians of CUDA-graph replays. Usage::
+Per context (Llama-3.1-8B attention: Hkv=8, G=4, D=128, bf16) and PQ setting (M, nbits): pqcache's whole
+compiled step (encode the new key, score + select, attend) with each backend, after a correctness check against
+the reference masked attention over the same plan; the selection alone; dense SDPA over the context; and the byte
+floor of select + attend (the codes of every token and the K/V rows of the attended ones, once, at the card's
+bandwidth). Times are medians of CUDA-graph replays. Usage::
 
-    PYTHONPATH=. python benchmarks/bench_attention.py --contexts 32768,131072 --batch 1 --budget 0.1
+    PYTHONPATH=. python benchmarks/bench_attention.py --contexts 32768,131072 --settings 2x6,8x8 \
+        --backends fused,gather,flex
 """
 
 from __future__ import annotations
@@ -21,45 +23,55 @@ from pqflex.ops import reference
 
 PRESET = "llama-3.1-8b"
 HKV, H, D = 8, 32, 128
-# (name, PQConfig settings) of every pqcache variant
-VARIANTS = {
-    "gather": dict(backend="gather"),
-    "flex": dict(backend="flex"),
-    "gather_block64": dict(backend="gather", selection="block", block_size=64),
-    "gather_block128": dict(backend="gather", selection="block", block_size=128),
-    "flex_block128": dict(backend="flex", selection="block", block_size=128),
-}
+BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}  # bytes/s, datasheet
+# Block-selection variants (FlexAttention judged at its best: its KV block = the selection's block)
+BLOCK_VARIANTS = {"flex_block64": dict(backend="flex", selection="block", block_size=64),
+                  "fused_block64": dict(backend="fused", selection="block", block_size=64)}
 
 
-def check(batch: int, context: int, budget: float) -> dict[str, float]:
-    """Max error of each compiled backend against the reference masked attention over the same plan."""
+def _inputs(batch: int, context: int, seed: int):
     cap = -(-(context + 1) // 128) * 128
-    g = torch.Generator(device="cuda").manual_seed(1)
+    g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(batch, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(batch, HKV, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(batch, HKV, cap, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    errors = {}
-    for name, options in VARIANTS.items():
-        index = PQIndex.build(k[:, :, :context - 1], PQConfig(budget=budget, niter=10, **options), capacity=cap)
-        n = torch.tensor(context, device="cuda")
-        index.store(k, n)
-        out = torch.compile(lambda: index.step(q, k, v, n, D ** -0.5), fullgraph=True, dynamic=False)()
-        grow = PQIndex(index.config, index.quantizer, index.codes[:, :, :context], index.start, index.sink,
-                       index.recent, index.topk, index.k_max, index.sink_max, index.recent_max)
-        plan = grow.plan(q, D ** -0.5)
-        want = reference.masked_attention(q.float(), k[:, :, :context].float(), v[:, :, :context].float(), plan,
-                                          D ** -0.5)
-        errors[name] = (out.float() - want).abs().max().item()
-    return errors
+    return cap, q, k, v
 
 
-def select_us(batch: int, context: int, budget: float, **options) -> float:
-    cap = -(-(context + 1) // 128) * 128
-    k = torch.randn(batch, HKV, cap, D, device="cuda", dtype=torch.bfloat16)
-    q = torch.randn(batch, H, 1, D, device="cuda", dtype=torch.bfloat16)
-    index = PQIndex.build(k[:, :, :context - 1], PQConfig(budget=budget, niter=10, **options), capacity=cap)
+def check(batch: int, context: int, config: PQConfig) -> float:
+    """Max error of the compiled step against the reference masked attention over the same plan (fp32)."""
+    cap, q, k, v = _inputs(batch, context, 1)
+    index = PQIndex.build(k[:, :, :context - 1], config, capacity=cap)
+    n = torch.tensor(context, device="cuda")
+    index.store(k, n)
+    out = torch.compile(lambda: index.step(q, k, v, n, D ** -0.5), fullgraph=True, dynamic=False)()
+    grow = PQIndex(index.config, index.quantizer, index.codes[:, :, :context], index.start, index.sink,
+                   index.recent, index.topk, index.k_max, index.sink_max, index.recent_max)
+    plan = grow.plan(q, D ** -0.5)
+    want = reference.masked_attention(q.float(), k[:, :, :context].float(), v[:, :, :context].float(), plan,
+                                      D ** -0.5)
+    return (out.float() - want).abs().max().item()
+
+
+def select_us(batch: int, context: int, config: PQConfig) -> float:
+    cap, q, k, _ = _inputs(batch, context, 2)
+    index = PQIndex.build(k[:, :, :context - 1], config, capacity=cap)
     n = torch.tensor(context, device="cuda")
     return graph_time_us(torch.compile(lambda: index.select(q, n, D ** -0.5), fullgraph=True, dynamic=False))
+
+
+def floor_us(batch: int, context: int, config: PQConfig) -> float:
+    """Bytes that select + attend must read once (codes of all tokens, K and V of the attended) over bandwidth."""
+    name = torch.cuda.get_device_name()
+    bandwidth = next((bw for card, bw in BANDWIDTH.items() if card in name), BANDWIDTH["H100"])
+    attended = config.resolve_budget(context).total
+    nbytes = batch * HKV * (context * config.M + attended * D * 2 * 2)
+    return nbytes / bandwidth * 1e6
+
+
+def _setting(text: str) -> tuple[int, int]:
+    m, nbits = text.split("x")
+    return int(m), int(nbits)
 
 
 def main() -> None:
@@ -67,34 +79,40 @@ def main() -> None:
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.1)
+    parser.add_argument("--settings", default="2x6,8x8", help="comma-separated MxNBITS")
+    parser.add_argument("--backends", default="fused,gather", help="comma-separated token-selection backends")
+    parser.add_argument("--blocks", action="store_true", help="also the block-selection variants (flex, fused)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
-    torch._dynamo.config.recompile_limit = 256  # one lambda code object is compiled for every variant and context
+    torch._dynamo.config.recompile_limit = 1024  # one lambda code object is compiled for every variant and context
     rows = []
     for context in map(int, args.contexts.split(",")):
-        errors = check(args.batch, context, args.budget)
-        row = {"batch": args.batch, "context": context, "budget": args.budget, "max_err": errors,
-               "sdpa_us": layer_attention_us(PRESET, "sdpa", args.batch, context, args.budget, torch.bfloat16),
-               "select_us": select_us(args.batch, context, args.budget),
-               "select_block64_us": select_us(args.batch, context, args.budget, selection="block", block_size=64),
-               "select_block128_us": select_us(args.batch, context, args.budget, selection="block",
-                                               block_size=128)}
-        for name, options in VARIANTS.items():
-            row[f"pqcache_{name}_us"] = layer_attention_us(PRESET, "pqcache", args.batch, context, args.budget,
-                                                           torch.bfloat16, options)
-        row["pqflex_dense_us"] = layer_attention_us(PRESET, "pqflex-dense", args.batch, context, args.budget,
-                                                    torch.bfloat16)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print("| B | context | SDPA µs | select token / block64 / block128 µs | "
-          + " | ".join(f"pqcache {name} µs (x SDPA)" for name in VARIANTS) + " | pqflex-dense µs | max err |")
-    print("|---" * (5 + len(VARIANTS)) + "|")
+        sdpa = layer_attention_us(PRESET, "sdpa", args.batch, context, args.budget, torch.bfloat16)
+        for M, nbits in map(_setting, args.settings.split(",")):
+            variants = {b: dict(backend=b) for b in args.backends.split(",")}
+            if args.blocks:
+                variants.update(BLOCK_VARIANTS)
+            base = PQConfig(M=M, nbits=nbits, budget=args.budget, niter=10)
+            row = {"batch": args.batch, "context": context, "M": M, "nbits": nbits, "budget": args.budget,
+                   "sdpa_us": sdpa, "floor_us": floor_us(args.batch, context, base),
+                   "select_us": select_us(args.batch, context, base), "max_err": {}, "step_us": {}}
+            for name, options in variants.items():
+                config = base.replace(**options)
+                row["max_err"][name] = check(args.batch, context, config)
+                row["step_us"][name] = layer_attention_us(PRESET, "pqcache", args.batch, context, args.budget,
+                                                          torch.bfloat16, dict(M=M, nbits=nbits, **options))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    names = list(rows[0]["step_us"])
+    print("| B | context | M x nbits | SDPA µs | floor µs | select µs | "
+          + " | ".join(f"{n} µs (x SDPA)" for n in names) + " | max err |")
+    print("|---" * (7 + len(names)) + "|")
     for r in rows:
         s = r["sdpa_us"]
-        print(f"| {r['batch']} | {r['context']} | {s:.1f} | {r['select_us']:.1f} / {r['select_block64_us']:.1f} / "
-              f"{r['select_block128_us']:.1f} | "
-              + " | ".join(f"{r[f'pqcache_{n}_us']:.1f} ({r[f'pqcache_{n}_us'] / s:.2f})" for n in VARIANTS)
-              + f" | {r['pqflex_dense_us']:.1f} | {max(r['max_err'].values()):.1e} |")
+        print(f"| {r['batch']} | {r['context']} | {r['M']}x{r['nbits']} | {s:.1f} | {r['floor_us']:.1f} | "
+              f"{r['select_us']:.1f} | "
+              + " | ".join(f"{r['step_us'][n]:.1f} ({r['step_us'][n] / s:.2f})" for n in names)
+              + f" | {max(r['max_err'].values()):.1e} |")
     print(" ".join(f"{k}={v}" for k, v in environment("cuda").items()))
     if args.out:
         with open(args.out, "w") as f:

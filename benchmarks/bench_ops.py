@@ -18,10 +18,10 @@ import torch
 import triton
 import transformers
 
-from pqflex.bench import graph_time_us
+from pqflex.harness.bench import graph_time_us
 from pqflex.ops import reference
 from pqflex.ops.kmeans import kmeans_triton
-from pqflex.ops.pq_select import pq_select_reference, pq_select_triton
+from pqflex.ops.pq_select import pq_select_cells
 from pqflex.quantizer import ProductQuantizer
 
 B, HKV, G, D, M, NBITS = 1, 8, 4, 128, 2, 6
@@ -67,7 +67,7 @@ def bench_select(n: int, frac: float, gen: torch.Generator) -> dict:
     topk = torch.full((B,), k, device=dev)
 
     out = torch.ops.pqflex.pq_select(ip_table, codes, lo, hi, topk, k, SCALE)
-    check_selection(out, pq_select_reference(ip_table, codes, lo, hi, topk, k, SCALE), ip_table, codes, lo, hi)
+    check_selection(out, reference.pq_select(ip_table, codes, lo, hi, topk, k, SCALE), ip_table, codes, lo, hi)
 
     def fast():
         torch.ops.pqflex.pq_select(ip_table, codes, lo, hi, topk, k, SCALE)
@@ -76,7 +76,7 @@ def bench_select(n: int, frac: float, gen: torch.Generator) -> dict:
         torch_select(ip_table, codes, lo, hi, k)
 
     t_fast_graph, t_fast = graph_time_us(fast), eager_time_us(fast)
-    warps = {w: graph_time_us(lambda: pq_select_triton(ip_table, codes, lo, hi, topk, k, SCALE, plan_warps=w))
+    warps = {w: graph_time_us(lambda: pq_select_cells(ip_table, codes, lo, hi, topk, k, SCALE, plan_warps=w))
              for w in (4, 16)}
     t_plain_graph, t_plain = graph_time_us(plain), eager_time_us(plain)
     bytes_moved = codes.numel() + B * HKV * k * 4 + ip_table.numel() * 4

@@ -4,22 +4,30 @@ import pytest
 import torch
 
 from pqflex.ops import reference
-from pqflex.ops.pq_select import pq_select, pq_select_reference, pq_select_triton
+from pqflex.ops.pq_select import (MAX_CELL_BITS, pq_select, pq_select_cells, pq_select_radix,
+                                  pq_select_triton, use_cells)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_inputs(B, Hkv, G, M, nbits, N, frac, dtype=torch.float32, seed=0, device=DEVICE):
+def make_inputs(B, Hkv, G, M, nbits, N, frac, dtype=torch.float32, seed=0, device=DEVICE, distinct=None,
+                edge_rows=False):
+    """Random inputs; ``distinct`` limits the codes to that many values (many exact ties); ``edge_rows`` makes
+    row 0 select nothing (topk 0), row 1 ask for more than its candidates and row 2 have none."""
     g = torch.Generator().manual_seed(seed)
     ksub = 1 << nbits
     ip = torch.randn(B, Hkv, G, M, ksub, generator=g).to(dtype)
     # Skewed codes, as real keys cluster: some cells are common, many are rare.
-    probs = torch.rand(ksub, generator=g) ** 3
+    probs = torch.rand(distinct or ksub, generator=g) ** 3
     codes = torch.multinomial(probs, B * Hkv * N * M, replacement=True, generator=g).to(torch.uint8)
     codes = codes.view(B, Hkv, N, M)
     lo = torch.randint(0, max(1, N // 8), (B,), generator=g)
     hi = torch.maximum(lo + 1, N - torch.randint(0, max(1, N // 8), (B,), generator=g))
     topk = torch.clamp((frac * (hi - lo).float()).long(), min=1)
+    if edge_rows:
+        topk[0] = 0
+        topk[1] = hi[1] - lo[1] + 7
+        lo[2:3], hi[2:3] = hi[2:3], lo[2:3]
     k_max = int(topk.max())
     return [t.to(device) for t in (ip, codes, lo, hi, topk)] + [k_max, 0.125]
 
@@ -38,13 +46,23 @@ def assert_same_selection(out, ref, scores):
     assert out.shape == ref.shape and out.dtype == torch.int32
     assert torch.equal((out >= 0).sum(-1), (ref >= 0).sum(-1)), "different number of selected tokens"
     assert torch.equal((out >= 0), (out >= 0).sort(-1, descending=True).values), "-1 before a selection"
+    assert ((out >= -1) & (out < scores.shape[-1])).all(), "a slot holds garbage"
     for row_out, row_ref, row_s in zip(out.flatten(0, 1), ref.flatten(0, 1), scores.flatten(0, 1)):
         sel_out, sel_ref = row_out[row_out >= 0].long(), row_ref[row_ref >= 0].long()
         assert sel_out.unique().numel() == sel_out.numel(), "a token selected twice"
         assert (row_s[sel_out] >= 0).all(), "a non-candidate was selected"
-        # Near-ties: the kernel scores a code tuple once, the reference each token, in another float order.
+        # Near-ties: the kernels sum in another float order than the reference.
         torch.testing.assert_close(row_s[sel_out].sort().values, row_s[sel_ref].sort().values, rtol=1e-4,
                                    atol=1e-6)
+
+
+def check(fn, args, **kw):
+    """``fn`` against the fp32 reference: the kernels accumulate a bf16/fp16 ip table in fp32, the reference in
+    the table's dtype would round the scores first."""
+    out = fn(*args, **kw)
+    args32 = [args[0].float()] + list(args[1:])
+    assert_same_selection(out, reference.pq_select(*args32), agg_scores(*args32[:4], args[6]))
+    return out
 
 
 @pytest.mark.parametrize("B,Hkv,G,M,nbits,N,frac", [
@@ -54,11 +72,36 @@ def assert_same_selection(out, ref, scores):
     (1, 2, 8, 3, 4, 2049, 0.2),
     (2, 1, 4, 2, 6, 50, 0.5),
 ])
-def test_triton_matches_reference(B, Hkv, G, M, nbits, N, frac):
-    args = make_inputs(B, Hkv, G, M, nbits, N, frac)
-    out = pq_select_triton(*args)
-    ref = pq_select_reference(*args)
-    assert_same_selection(out, ref, agg_scores(args[0], args[1], args[2], args[3], args[6]))
+def test_cells_match_reference(B, Hkv, G, M, nbits, N, frac):
+    check(pq_select_cells, make_inputs(B, Hkv, G, M, nbits, N, frac))
+
+
+@pytest.mark.parametrize("B,Hkv,G,M,nbits,N,frac,split", [
+    (1, 2, 4, 8, 8, 1000, 0.1, None),
+    (3, 1, 1, 1, 8, 777, 0.05, 2),
+    (2, 2, 2, 4, 4, 333, 1.0, 3),
+    (1, 2, 8, 16, 6, 2049, 0.2, 5),
+    (2, 1, 3, 6, 8, 300, 0.3, 1),  # G not a power of two, M not a power of two
+    (1, 1, 4, 2, 6, 50, 0.5, 4),  # more programs than tokens
+])
+def test_radix_matches_reference(B, Hkv, G, M, nbits, N, frac, split):
+    check(pq_select_radix, make_inputs(B, Hkv, G, M, nbits, N, frac), split=split)
+
+
+@pytest.mark.parametrize("distinct,nbits", [(1, 8), (2, 4), (3, 6)])
+def test_radix_exact_ties(distinct, nbits):
+    """Few distinct codes: most scores tie exactly, and the threshold falls inside a large tie."""
+    args = make_inputs(3, 2, 4, 4, nbits, 700, 0.3, distinct=distinct)
+    check(pq_select_radix, args, split=3)
+
+
+def test_edge_rows():
+    """topk 0, topk above the candidates, no candidates: per row, both paths."""
+    args = make_inputs(3, 2, 4, 2, 6, 400, 0.2, edge_rows=True)
+    want = torch.tensor([0, int(args[3][1] - args[2][1]), 0], dtype=torch.int32)
+    for fn in (pq_select_radix, pq_select_cells):
+        out = check(fn, args)
+        assert torch.equal((out >= 0).sum(-1).cpu(), want[:, None].expand(3, 2))
 
 
 def test_topk_one_and_all_candidates():
@@ -66,15 +109,14 @@ def test_topk_one_and_all_candidates():
     cand = hi - lo
     for topk in (torch.ones_like(lo), cand, cand + 5):
         k_max = int(topk.max())
-        out = pq_select_triton(ip, codes, lo, hi, topk, k_max, scale)
-        ref = pq_select_reference(ip, codes, lo, hi, topk, k_max, scale)
-        assert_same_selection(out, ref, agg_scores(ip, codes, lo, hi, scale))
-        assert torch.equal((out >= 0).sum(-1), torch.minimum(topk, cand)[:, None].expand(2, 2).int())
+        for fn in (pq_select_cells, pq_select_radix):
+            out = check(fn, [ip, codes, lo, hi, topk, k_max, scale])
+            assert torch.equal((out >= 0).sum(-1), torch.minimum(topk, cand)[:, None].expand(2, 2).int())
 
 
 def test_registered_op_cpu_is_the_reference():
     args = make_inputs(2, 2, 4, 2, 6, 300, 0.1, device="cpu")
-    assert torch.equal(torch.ops.pqflex.pq_select(*args), pq_select_reference(*args))
+    assert torch.equal(torch.ops.pqflex.pq_select(*args), reference.pq_select(*args))
 
 
 @pytest.mark.parametrize("bad,exc,match", [
@@ -90,10 +132,28 @@ def test_bad_inputs_raise_before_launch(bad, exc, match):
         pq_select(*args)
 
 
-def test_too_many_code_bits_for_the_kernel():
+def test_dispatch_rule():
+    """Cells where the code tuples fit a 4096-cell table (measured faster there), radix beyond."""
+    assert use_cells(2, 6) and use_cells(1, 8) and use_cells(3, 4)
+    assert not use_cells(4, 4) and not use_cells(8, 8) and not use_cells(16, 8)
+
+
+def test_too_many_code_bits_for_the_cells():
     args = make_inputs(1, 1, 1, 4, 4, 100, 0.1)
     with pytest.raises(ValueError, match="M \\* nbits <= 12"):
-        pq_select_triton(*args)
+        pq_select_cells(*args)
+
+
+def test_compiled_op_never_recompiles():
+    """fullgraph compile of the op; new codes, ranges and top-k (same shapes) reuse the graph."""
+    fn = torch.compile(torch.ops.pqflex.pq_select, fullgraph=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (0, 1):
+            args = make_inputs(2, 2, 4, 8, 8, 600, 0.1 + 0.1 * seed, seed=seed)
+            args[5] = 128  # static k_max
+            check(fn, args)
+    torch._dynamo.reset()
 
 
 GRID = [(B, G, M, nbits) for B in (1, 3) for G in (1, 2, 4, 8) for M in (1, 2, 4, 8, 16) for nbits in (4, 6, 8)]
@@ -101,9 +161,29 @@ GRID = [(B, G, M, nbits) for B in (1, 3) for G in (1, 2, 4, 8) for M in (1, 2, 4
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,G,M,nbits", GRID)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_grid(B, G, M, nbits, dtype):
-    args = make_inputs(B, 2, G, M, nbits, 3001, 0.1, dtype=dtype, seed=B * 100 + G * 10 + M + nbits)
-    out = torch.ops.pqflex.pq_select(*args)
-    ref = pq_select_reference(*args)
-    assert_same_selection(out, ref, agg_scores(args[0], args[1], args[2], args[3], args[6]))
+def test_cuda_grid(B, G, M, nbits):
+    """Every PQ setting, both paths where they apply; B=3 adds a topk-0 row, a row asking for more than its
+    candidates and a row without candidates."""
+    seed = B * 100 + G * 10 + M + nbits
+    args = make_inputs(B, 2, G, M, nbits, 3001, 0.1, seed=seed, edge_rows=B == 3)
+    check(torch.ops.pqflex.pq_select, args)
+    check(pq_select_radix, args)
+    if M * nbits <= MAX_CELL_BITS:
+        check(pq_select_cells, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G,M,nbits", [(4, 2, 6), (4, 8, 8), (8, 16, 4)])
+def test_cuda_low_precision_tables(dtype, G, M, nbits):
+    check(torch.ops.pqflex.pq_select, make_inputs(3, 2, G, M, nbits, 3001, 0.1, dtype=dtype, seed=7))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,nbits", [(2, 6), (8, 8), (16, 4)])
+@pytest.mark.parametrize("distinct", [1, 3])
+def test_cuda_ties_and_long_rows(M, nbits, distinct):
+    """Exact ties at scale (many programs append to the tie lists at once), and a 64K-token row; both paths."""
+    for fn in (pq_select_radix, pq_select_cells) if M * nbits <= MAX_CELL_BITS else (pq_select_radix,):
+        check(fn, make_inputs(3, 2, 4, M, nbits, 20000, 0.1, distinct=distinct, edge_rows=True))
+        check(fn, make_inputs(1, 2, 4, M, nbits, 65536, 0.05, seed=distinct))

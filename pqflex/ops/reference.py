@@ -238,6 +238,26 @@ def select_from_scores(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     return torch.where(valid, indices, -1)[:, :, 0].to(torch.int32)
 
 
+def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+              topk: torch.Tensor, k_max: int, scale: float) -> torch.Tensor:
+    """GQA-aggregated ADC scores of the middle tokens and their exact top-k (``pqflex.ops.pq_select``'s math).
+
+    Ties go to the later token.
+
+    Args:
+        ip_table: ``[B, Hkv, G, M, ksub]``.
+        codes: ``[B, Hkv, N, M]`` uint8.
+        lo, hi: ``[B]`` int64, candidate range ``[lo, hi)`` of each sequence.
+        topk: ``[B]`` int64 tokens to keep, at most ``k_max``.
+        k_max: width of the result.
+        scale: softmax scale.
+
+    Returns:
+        ``[B, Hkv, k_max]`` int32 token indices, best first; ``-1`` past ``min(topk, #candidates)``.
+    """
+    return select_from_scores(adc_scores(ip_table, codes) * scale, lo, hi, topk, k_max)
+
+
 def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attend: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Exact attention of each query over the tokens ``attend`` marks, per KV head.
