@@ -7,7 +7,7 @@ floor of select + attend (the codes of every token and the K/V rows of the atten
 bandwidth). Times are medians of CUDA-graph replays. Usage::
 
     PYTHONPATH=. python benchmarks/bench_attention.py --contexts 32768,131072 --settings 2x6,8x8 \
-        --backends fused,gather,flex
+        --backends fused,gather --blocks 8x8
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--settings", default="2x6,8x8", help="comma-separated MxNBITS")
     parser.add_argument("--backends", default="fused,gather", help="comma-separated token-selection backends")
-    parser.add_argument("--blocks", action="store_true", help="also the block-selection variants (flex, fused)")
+    parser.add_argument("--blocks", default="", help="MxNBITS settings that also run the block-selection variants")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 1024  # one lambda code object is compiled for every variant and context
@@ -90,7 +90,7 @@ def main() -> None:
         sdpa = layer_attention_us(PRESET, "sdpa", args.batch, context, args.budget, torch.bfloat16)
         for M, nbits in map(_setting, args.settings.split(",")):
             variants = {b: dict(backend=b) for b in args.backends.split(",")}
-            if args.blocks:
+            if f"{M}x{nbits}" in args.blocks.split(","):
                 variants.update(BLOCK_VARIANTS)
             base = PQConfig(M=M, nbits=nbits, budget=args.budget, niter=10)
             row = {"batch": args.batch, "context": context, "M": M, "nbits": nbits, "budget": args.budget,
@@ -103,7 +103,7 @@ def main() -> None:
                                                           torch.bfloat16, dict(M=M, nbits=nbits, **options))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    names = list(rows[0]["step_us"])
+    names = list(dict.fromkeys(n for r in rows for n in r["step_us"]))
     print("| B | context | M x nbits | SDPA µs | floor µs | select µs | "
           + " | ".join(f"{n} µs (x SDPA)" for n in names) + " | max err |")
     print("|---" * (7 + len(names)) + "|")
@@ -111,7 +111,8 @@ def main() -> None:
         s = r["sdpa_us"]
         print(f"| {r['batch']} | {r['context']} | {r['M']}x{r['nbits']} | {s:.1f} | {r['floor_us']:.1f} | "
               f"{r['select_us']:.1f} | "
-              + " | ".join(f"{r['step_us'][n]:.1f} ({r['step_us'][n] / s:.2f})" for n in names)
+              + " | ".join(f"{r['step_us'][n]:.1f} ({r['step_us'][n] / s:.2f})" if n in r["step_us"] else "-"
+                           for n in names)
               + f" | {max(r['max_err'].values()):.1e} |")
     print(" ".join(f"{k}={v}" for k, v in environment("cuda").items()))
     if args.out:
