@@ -58,6 +58,11 @@ def _check_float(name: str, value: object, low: float, high: float, low_open: bo
 class PQConfig:
     """Settings of PQCache retrieval attention.
 
+    The defaults (M=8 sub-quantizers of 256 centroids, 10 Lloyd iterations on at most 64 keys per centroid, the
+    fused attention kernel) are the fastest measured setting that keeps >= 95% of full attention's suite score at
+    1/10 of the tokens (EVALS.md); the paper's M=2, nbits=6 is faster to build and as fast to decode but keeps
+    40-78% (BENCHMARKS.md has the frontier).
+
     Args:
         M: sub-quantizers per key; the head dim ``D`` must be divisible by ``M`` (``dsub = D // M``).
         nbits: bits per code, 1..8; each sub-space has ``ksub = 2**nbits`` centroids.
@@ -69,14 +74,15 @@ class PQConfig:
         min_context: contexts shorter than this are attended densely.
         niter: Lloyd iterations of k-means.
         train_points: k-means trains on at most ``train_points * ksub`` middle keys per sequence and KV head, an
-            even stride through them (faiss's ``max_points_per_centroid``, 256 there too); 0 trains on all.
+            even stride through them (faiss's ``max_points_per_centroid``: 256 there; faiss warns below 39); 0
+            trains on all. It bounds the index build at long contexts (16K training keys at the default).
         seed: seed of the k-means initialization.
         tol: stop k-means early when the mean squared centroid shift falls below ``tol`` times the data variance;
             ``0.0`` runs exactly ``niter`` iterations with no host synchronization.
         kmeans_device: ``"auto"`` trains where the keys are; ``"cpu"`` trains on the CPU.
-        backend: how a decode step attends its tokens: ``"gather"`` (compact copy + SDPA), ``"fused"`` (the
-            listed rows read by index in one Triton kernel, no copy) or ``"flex"`` (FlexAttention with a block
-            mask; fast only under ``torch.compile``). BENCHMARKS.md compares them.
+        backend: how a decode step attends its tokens: ``"fused"`` (the default: the listed rows read by index in
+            one Triton kernel, no copy), ``"gather"`` (compact copy + SDPA) or ``"flex"`` (FlexAttention with a
+            block mask; fast only under ``torch.compile``). BENCHMARKS.md compares them.
         selection: what a decode step selects: ``"token"`` (the exact top-k tokens by PQ score, PQCache's rule) or
             ``"block"`` (the ``topk // block_size`` whole blocks of ``block_size`` middle tokens that hold the most
             PQ-estimated attention mass; cheaper to select, coarser; the top-k budget rounds down to whole blocks).
@@ -86,18 +92,18 @@ class PQConfig:
             baseline that reads every key, not a speed-up).
     """
 
-    M: int = 2
-    nbits: int = 6
+    M: int = 8
+    nbits: int = 8
     sink_size: int = 32
     budget: float | int = 0.1
     recent_ratio: float = 0.5
     min_context: int = 1024
-    niter: int = 20
-    train_points: int = 256
+    niter: int = 10
+    train_points: int = 64
     seed: int = 0
     tol: float = 0.0
     kmeans_device: Literal["auto", "cpu"] = "auto"
-    backend: Literal["fused", "gather", "flex"] = "gather"
+    backend: Literal["fused", "gather", "flex"] = "fused"
     selection: Literal["token", "block"] = "token"
     block_size: int = 64
     scorer: Literal["pq", "exact"] = "pq"

@@ -6,10 +6,10 @@ from pqflex import Budget, PQConfig
 from pqflex.config import DENSE_WINDOW
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_measured_quality_setting():
     cfg = PQConfig()
-    assert (cfg.M, cfg.nbits, cfg.sink_size, cfg.budget, cfg.recent_ratio) == (2, 6, 32, 0.1, 0.5)
-    assert cfg.ksub == 64
+    assert (cfg.M, cfg.nbits, cfg.sink_size, cfg.budget, cfg.recent_ratio) == (8, 8, 32, 0.1, 0.5)
+    assert (cfg.ksub, cfg.niter, cfg.train_points, cfg.backend) == (256, 10, 64, "fused")
 
 
 def test_frozen_and_replace_validates():
