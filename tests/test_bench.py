@@ -27,7 +27,7 @@ def test_bench_block_selection_runs_and_is_recorded(tmp_path):
     assert main(["bench", "--preset", "tiny", "--contexts", "1200", "--new-tokens", "2", "--warmup", "1",
                  "--methods", "pqcache", "--selection", "block", "--block-size", "16", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert (data["selection"], data["block_size"], data["backend"]) == ("block", 16, "gather")
+    assert (data["selection"], data["block_size"], data["backend"]) == ("block", 16, "fused")  # the default
     assert data["results"][0]["tpot_ms"] > 0
 
 

@@ -181,8 +181,10 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        # Warm-up prefill (kernel JIT, cuBLAS handles, the index build's Triton kernels), not timed.
-        model(ids[:, :min(context, 2048)], **{CACHE_KWARG: DynamicCache(config=model.config)}, logits_to_keep=1)
+        # Warm-up prefill and one step (kernel JIT, cuBLAS handles, the index build's Triton kernels), not timed.
+        warm = DynamicCache(config=model.config)
+        model(ids[:, :min(context, 2048)], **{CACHE_KWARG: warm}, logits_to_keep=1)
+        model(ids[:, :1], **{CACHE_KWARG: warm}, logits_to_keep=1)
         _sync(device)
         t0 = time.perf_counter()
         logits = model(ids, **{CACHE_KWARG: cache}, logits_to_keep=1).logits
