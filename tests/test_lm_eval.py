@@ -43,7 +43,7 @@ def lm_eval(model_path, task_root, out, model_args):
 def test_lm_eval_cli_runs_pqcache_with_its_settings(task_dir, tmp_path):
     model_path, root = task_dir
     found, log = lm_eval(model_path, root, tmp_path / "pq", "attn_implementation=pqcache,pq_budget=0.2,pq_M=2")
-    assert "pqflex: pqcache attention with PQConfig(M=8, nbits=8, sink_size=32, budget=0.2" in log
+    assert "pqflex: pqcache attention with PQConfig(M=2, nbits=8, sink_size=32, budget=0.2" in log  # pq_M applied
     assert found >= 2 / 3
     streaming, log = lm_eval(model_path, root, tmp_path / "st",
                              "attn_implementation=pqcache,pq_budget=0.2,pq_method=streaming")
