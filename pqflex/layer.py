@@ -118,7 +118,8 @@ class PQLayer:
                 raise RuntimeError("pqflex: a fixed-capacity cache must be prefilled (a forward of the prompt) "
                                    "before its first decode step")
             if S != 1:
-                raise NotImplementedError(f"a fixed-capacity cache decodes one token per forward, got {S}")
+                raise NotImplementedError(f"a fixed-capacity cache decodes one token per forward, got {S} after "
+                                          "decoding started; to start a new prompt, call cache.reset() first")
             self.decoding = True
             self.index.store(key, n)
             return self.index.step(query, key, value, n, scale)

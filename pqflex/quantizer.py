@@ -68,7 +68,8 @@ class ProductQuantizer:
 
         Args:
             x: training vectors ``[..., N, dim]``.
-            mask: ``[..., N]`` bool, True for the vectors to train on; None trains on all.
+            mask: ``[..., N]`` bool, True for the vectors to train on; None trains on all. Vectors with a NaN or
+                infinite value never train.
             niter, seed, tol: see :func:`pqflex.ops.reference.kmeans`.
 
         Returns:
@@ -78,12 +79,15 @@ class ProductQuantizer:
         lead, N = x.shape[:-2], x.shape[-2]
         if N < 1:
             raise ValueError(f"cannot train on {N} vectors; need at least 1")
-        m = None
-        if mask is not None:
-            if mask.shape != x.shape[:-1] or mask.dtype != torch.bool:
-                raise ValueError(f"mask must be bool of shape {tuple(x.shape[:-1])}, got {mask.dtype} "
-                                 f"{tuple(mask.shape)}")
-            m = mask.reshape(-1, 1, N).expand(-1, self.M, N).reshape(-1, N)  # [L * M, N]
+        if mask is not None and (mask.shape != x.shape[:-1] or mask.dtype != torch.bool):
+            raise ValueError(f"mask must be bool of shape {tuple(x.shape[:-1])}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+        # Non-finite vectors never train, and masked-out values never reach the arithmetic (selection, not
+        # multiplication: 0 * nan is nan).
+        finite = torch.isfinite(x).all(-1)
+        mask = finite if mask is None else mask & finite
+        x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        m = mask.reshape(-1, 1, N).expand(-1, self.M, N).reshape(-1, N)  # [L * M, N]
         c = torch.ops.pqflex.kmeans(self._split(x), m, self.ksub, niter, seed, tol)  # [L * M, ksub, dsub]
         self.centroids = c.reshape(*lead, self.M, self.ksub, self.dsub)
         return self

@@ -39,7 +39,7 @@ def decode_token_list(selected: torch.Tensor, start: torch.Tensor, sink: torch.T
         sink_max, recent_max: static widths, at least ``max(sink)`` and ``min(max(recent), n)``.
 
     Returns:
-        ``idx [B, Hkv, T]`` int64 positions in ``[0, n)`` and ``valid [B, Hkv, T]`` bool; the valid positions are
+        ``idx [B, Hkv, T]`` int64 positions in ``[0, n)`` (0 in empty slots) and ``valid [B, Hkv, T]`` bool; the valid positions are
         distinct: sink ``[start, start + sink)``, the selected slots, recent ``[n - recent, n)`` past the sink.
     """
     B, Hkv, _ = selected.shape
@@ -53,7 +53,7 @@ def decode_token_list(selected: torch.Tensor, start: torch.Tensor, sink: torch.T
                      recent_pos[:, None].expand(B, Hkv, recent_max)], dim=-1)
     valid = torch.cat([sink_ok[:, None].expand(B, Hkv, sink_max), selected >= 0,
                        recent_ok[:, None].expand(B, Hkv, recent_max)], dim=-1)
-    return idx.clamp(min=0), valid
+    return torch.where(valid, idx, 0), valid  # empty slots read row 0 (in bounds), never attended
 
 
 def _pack_query(query: torch.Tensor, Hkv: int) -> torch.Tensor:

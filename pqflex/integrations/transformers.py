@@ -327,6 +327,21 @@ class PQStaticCache(PQCacheMixin, Cache):
         super().__init__(layers=layers)
         self._setup(model, config)
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        if layer.is_initialized and not torch.compiler.is_compiling():  # eager forwards: say what went wrong
+            batch, new = key_states.shape[0], key_states.shape[-2]
+            if batch != layer.keys.shape[0]:
+                raise ValueError(f"this PQStaticCache holds batches of {layer.keys.shape[0]} sequences, got "
+                                 f"{batch}; create a new PQStaticCache for another batch size")
+            cached = int(layer.cumulative_length)
+            if cached + new > layer.max_cache_len:
+                raise ValueError(f"this PQStaticCache holds {layer.max_cache_len} tokens per sequence: {cached} "
+                                 f"cached + {new} new do not fit; create it with max_cache_len >= prompt + "
+                                 "max_new_tokens, or call cache.reset() before a new prompt")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def _new_state(self) -> PQCacheState:
         return PQCacheState(self.layers[0].max_cache_len, len(self.layers))
 

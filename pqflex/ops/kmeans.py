@@ -72,8 +72,8 @@ def kmeans_triton(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: 
     if ksub < 16:
         raise ValueError(f"kmeans_triton needs ksub >= 16 (nbits >= 4), got ksub={ksub}")
     L, N, dsub = x.shape
-    xf = x.float().contiguous()
-    w = reference.kmeans_weights(xf, mask).contiguous()
+    w = reference.kmeans_weights(x, mask).contiguous()
+    xf = torch.where(w[..., None] > 0, x.float(), 0.0).contiguous()  # masked points never reach the arithmetic
     tiles = triton.cdiv(N, _BLOCK_N)
     programs = min(_PROGRAMS_PER_PROBLEM, tiles)
     tiles_per_program = triton.cdiv(tiles, programs)

@@ -35,8 +35,8 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, se
     Returns:
         centroids ``[L, ksub, dsub]`` fp32.
     """
-    xf = x.float()
-    w = kmeans_weights(xf, mask)
+    w = kmeans_weights(x, mask)
+    xf = torch.where(w[..., None] > 0, x.float(), 0.0)  # masked points never reach the arithmetic (0 * nan)
     x_sq = xf.pow(2).sum(-1)  # [L, N]
 
     def step(centroids: torch.Tensor):

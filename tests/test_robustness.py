@@ -1,0 +1,82 @@
+"""Odd inputs: each is a clear error naming the value, or a correct result (issue #13)."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+import pqflex
+from pqflex import PQCache, PQConfig, PQIndex, PQStaticCache, ProductQuantizer, retrieval_attention
+from pqflex.integrations import lm_eval as lm_eval_glue
+
+from tests.test_transformers import CACHE_KW, SPARSE, generate, make, prompt
+
+
+def test_padded_row_shorter_than_the_sink_next_to_a_sparse_row():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    k, v = torch.randn(2, 2, 1100, 16, generator=g), torch.randn(2, 2, 1100, 16, generator=g)
+    mask = torch.ones(2, 1100, dtype=torch.bool)
+    mask[1, :1080] = False  # 20 tokens: fewer than sink_size=32
+    out = retrieval_attention(q, k, v, PQConfig(niter=2), kv_mask=mask)
+    alone = retrieval_attention(q[1:], k[1:, :, 1080:], v[1:, :, 1080:], PQConfig(niter=2))
+    torch.testing.assert_close(out[1:], alone)
+    torch.testing.assert_close(out[:1], retrieval_attention(q[:1], k[:1], v[:1], PQConfig(niter=2)))
+
+
+def test_config_is_validated_against_the_model_when_configuring():
+    model = make("llama")  # head dim 8
+    bad = PQConfig(M=3, budget=48, sink_size=4, min_context=0)
+    for build in (lambda: pqflex.configure(model, bad), lambda: PQCache(model, bad),
+                  lambda: PQStaticCache(model, 400, bad)):
+        with pytest.raises(ValueError, match="PQConfig.M=3 does not divide the head dim 8"):
+            build()
+    model.set_attn_implementation("pqcache")
+    with pytest.raises(ValueError, match="PQConfig.M=3 does not divide the head dim 8"):
+        lm_eval_glue.apply(model, {"M": 3})
+    with pytest.raises(ValueError, match=r"PQConfig.seed=18446744073709551616 is out of range"):
+        PQConfig(seed=2**64)
+    PQConfig(seed=2**64 - 1)
+
+
+def test_static_cache_misuse_says_what_to_do():
+    pq = make("llama")
+    pqflex.configure(pq, SPARSE)
+    cache = PQStaticCache(pq, 256)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"holds 256 tokens per sequence: 256 cached \+ 1 new do not fit"):
+        generate(pq, prompt(250), n=10, **{CACHE_KW: cache}, disable_compile=True)
+    cache.reset()
+    generate(pq, prompt(200), n=4, **{CACHE_KW: cache}, disable_compile=True)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"call cache.reset\(\) first"):
+        pq(prompt(30), **{CACHE_KW: cache})  # a new prompt without reset
+    cache.reset()
+    with torch.no_grad(), pytest.raises(ValueError, match="holds batches of 1 sequences, got 2"):
+        pq(prompt(30, batch=2), **{CACHE_KW: cache})
+
+
+def test_no_kmeans_when_every_sequence_stays_dense():
+    pq = make("llama")
+    pqflex.configure(pq, PQConfig(min_context=1024))
+    with mock.patch.object(ProductQuantizer, "train", side_effect=AssertionError("k-means ran")):
+        out = generate(pq, prompt(300), n=4)
+        index = PQIndex.build(torch.randn(1, 2, 300, 8), PQConfig(min_context=1024))
+    assert out.shape == (1, 4) and index.dense and index.quantizer is None and index.codes.shape[-1] == 0
+
+
+def test_non_finite_keys_never_reach_the_centroids():
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(1, 2, 600, 16, generator=g)
+    cfg = PQConfig(budget=60, sink_size=8, min_context=0, niter=4, M=2, nbits=4)
+    clean = PQIndex.build(k, cfg)
+    poisoned = k.clone()
+    poisoned[0, :, 2] = float("nan")  # a sink token
+    poisoned[0, 0, 590] = float("inf")  # a recent token
+    mask = torch.ones(1, 600, dtype=torch.bool)
+    index = PQIndex.build(poisoned, cfg)
+    assert torch.isfinite(index.quantizer.centroids).all()
+    torch.testing.assert_close(index.quantizer.centroids, clean.quantizer.centroids)
+    poisoned[0, 1, 300] = float("nan")  # a middle token: excluded from training, not a collapsed head
+    index = PQIndex.build(poisoned, cfg, mask)
+    centroids = index.quantizer.centroids
+    assert torch.isfinite(centroids).all()
+    assert len(torch.unique(index.codes[0, 1, 8:560, 0])) > 4
