@@ -80,3 +80,19 @@ def test_non_finite_keys_never_reach_the_centroids():
     centroids = index.quantizer.centroids
     assert torch.isfinite(centroids).all()
     assert len(torch.unique(index.codes[0, 1, 8:560, 0])) > 4
+
+
+def test_unsupported_families_raise_one_sentence_naming_the_class():
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, FalconConfig, T5Config
+
+    t5 = AutoModelForSeq2SeqLM.from_config(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                    num_heads=2, decoder_start_token_id=0),
+                                           attn_implementation="pqcache")
+    with pytest.raises(NotImplementedError, match=r"position_bias=a tensor of shape \(1, 2, 10, 10\) \(T5Attention\)") as err:
+        t5.generate(torch.randint(3, 60, (1, 10)), max_new_tokens=2)
+    assert "tensor([" not in str(err.value) and len(str(err.value)) < 200
+    falcon = AutoModelForCausalLM.from_config(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=4))
+    for build in (lambda: pqflex.configure(falcon), lambda: PQCache(falcon)):
+        with pytest.raises(NotImplementedError, match="FalconForCausalLM has no transformers attention layers"):
+            build()

@@ -68,10 +68,10 @@ def check_supported(module: nn.Module, attention_kwargs: dict[str, Any] | None =
     """
     name = type(module).__name__
     for key in _UNSUPPORTED_KWARGS:
-        if (attention_kwargs or {}).get(key) is not None:
-            raise NotImplementedError(
-                f"pqcache does not support attention with {key}={attention_kwargs[key]!r} ({name})"
-            )
+        value = (attention_kwargs or {}).get(key)
+        if value is not None:
+            shown = f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else repr(value)
+            raise NotImplementedError(f"pqcache does not support attention with {key}={shown} ({name})")
     if getattr(module, _CHECKED_ATTR, False):
         return
     config = getattr(module, "config", None)
