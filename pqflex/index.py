@@ -59,17 +59,20 @@ def training_sample(middle: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch
     return order, middle.gather(-1, order)
 
 
-def select_blocks(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, topk: torch.Tensor, k_max: int,
-                  block: int) -> torch.Tensor:
+def select_blocks(scores: torch.Tensor, start: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  topk: torch.Tensor, k_max: int, block: int) -> torch.Tensor:
     """Block-granular selection: the tokens of the ``topk // block`` blocks with the most estimated attention mass.
 
-    Blocks are the aligned ranges ``[j * block, (j + 1) * block)``; a block is a candidate when all of its tokens
-    lie in ``[lo, hi)``. A block's mass is the sum over its tokens of the GQA-aggregated softmax of the PQ scores
-    (:func:`pqflex.ops.reference.gqa_scores` over the candidate tokens), so the chosen blocks carry the most
-    approximate attention among whole blocks. Plain torch: a few fused kernels under ``torch.compile``.
+    Blocks are aligned to each sequence's first token: ``[start + j * block, start + (j + 1) * block)``, so a
+    sequence selects the same tokens whatever its left padding (a padded batch equals its rows alone). A block is
+    a candidate when all of its tokens lie in ``[lo, hi)``. A block's mass is the sum over its tokens of the
+    GQA-aggregated softmax of the scores (:func:`pqflex.ops.reference.gqa_scores` over the candidate tokens), so
+    the chosen blocks carry the most approximate attention among whole blocks. Plain torch: a few fused kernels
+    under ``torch.compile``.
 
     Args:
-        scores: ``[B, Hkv, G, N]`` scaled scores of each query head (PQ or exact); lo, hi, topk: ``[B]`` int64.
+        scores: ``[B, Hkv, G, N]`` scaled scores of each query head (PQ or exact); start, lo, hi, topk: ``[B]``
+            int64 (first token, candidate range, tokens to keep).
         k_max: the largest ``topk``; the result holds ``k_max // block`` blocks.
         block: tokens per block.
 
@@ -81,16 +84,18 @@ def select_blocks(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, topk
     k = min(slots, nblk)
     if k == 0:
         return torch.full((B, Hkv, slots * block), -1, dtype=torch.int32, device=scores.device)
-    pos = torch.arange(nblk * block, device=scores.device)
-    candidates = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, :]  # [B, 1, nblk * block]
-    scores = scores[..., :nblk * block]  # [B, Hkv, G, nblk * block]
-    probs = reference.gqa_scores(scores[:, :, :, None], candidates)[:, :, 0].clamp(min=0)  # [B, Hkv, nblk * block]
-    first = pos[::block]  # [nblk]
+    pos = torch.arange(N, device=scores.device)
+    candidates = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, :]  # [B, 1, N]
+    probs = reference.gqa_scores(scores[:, :, :, None], candidates)[:, :, 0].clamp(min=0)  # [B, Hkv, N]
+    blk = ((pos[None, :] - start[:, None]).clamp(min=0) // block).clamp(max=nblk - 1)  # [B, N] each token's block
+    mass = probs.new_zeros(B, Hkv, nblk).scatter_add_(-1, blk[:, None, :].expand(B, Hkv, N), probs)
+    first = start[:, None] + torch.arange(nblk, device=scores.device) * block  # [B, nblk]
     whole = (first >= lo[:, None]) & (first + block <= hi[:, None])  # [B, nblk]
-    mass = probs.view(B, Hkv, nblk, block).sum(-1).masked_fill(~whole[:, None], -1.0)
+    mass = mass.masked_fill(~whole[:, None], -1.0)
     value, order = mass.topk(k, dim=-1)  # [B, Hkv, k]
     ok = (value >= 0) & (torch.arange(k, device=scores.device) < (topk // block)[:, None, None])
-    tokens = order[..., None] * block + torch.arange(block, device=scores.device)  # [B, Hkv, k, block]
+    tokens = first[:, None, :].expand(B, Hkv, nblk).gather(-1, order)[..., None] + torch.arange(
+        block, device=scores.device)  # [B, Hkv, k, block]
     out = torch.where(ok[..., None], tokens, -1).flatten(-2).to(torch.int32)
     return F.pad(out, (0, (slots - k) * block), value=-1)
 
@@ -195,9 +200,9 @@ class PQIndex:
             codes = [torch.cat([c, c.new_zeros(B, Hkv, capacity - N, c.shape[-1])], dim=-2) for c in codes]
         full_lists = len(set(budgets)) == 1 and not budgets[0].dense
         if config.selection == "block" and full_lists:  # enough whole middle blocks for every slot
-            b, size = budgets[0], config.block_size
-            lo = [N - n + b.sink_size for n in lengths]  # whole blocks in [lo, N - recent): floor(hi) - ceil(lo)
-            full_lists = all((N - b.recent_size) // size - -(-x // size) >= b.topk // size for x in lo)
+            b, size = budgets[0], config.block_size  # whole blocks from a row's start in [sink, n - recent)
+            full_lists = all((n - b.recent_size) // size - -(-b.sink_size // size) >= b.topk // size
+                             for n in lengths)
         widths = dict(k_max=max(b.topk for b in budgets), sink_max=max(b.sink_size for b in budgets),
                       recent_max=max(b.recent_size for b in budgets), full_lists=full_lists, dense=dense)
         return [cls(config, pq, c, start, sink, recent, topk, **widths) for pq, c in zip(quantizers, codes)]
@@ -273,7 +278,8 @@ class PQIndex:
         if self.k_max == 0:  # sink + recent only
             return torch.empty(B, Hkv, 0, dtype=torch.int32, device=query.device)
         if self.config.selection == "block":
-            return select_blocks(self.scores(q, scale, key), lo, hi, self.topk, self.k_max, self.config.block_size)
+            return select_blocks(self.scores(q, scale, key), self.start, lo, hi, self.topk, self.k_max,
+                                 self.config.block_size)
         if self.quantizer is None:
             return reference.select_from_scores(self.scores(q, scale, key), lo, hi, self.topk, self.k_max)
         ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G, M, ksub]

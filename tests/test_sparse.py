@@ -162,16 +162,32 @@ def test_select_blocks_takes_the_whole_blocks_with_the_most_mass():
     ip = reference.compute_ip_table(q.view(B, Hkv, G, D), index.quantizer.centroids)
     scores = reference.adc_scores(ip, index.codes) * 0.25  # [B, Hkv, G, N]
     for b in range(B):
+        s = int(index.start[b])  # blocks are aligned to the row's first token
         cand = torch.zeros(1, 1, N, dtype=torch.bool)
         cand[..., lo[b]:hi[b]] = True
         probs = reference.gqa_scores(scores[b:b + 1, :, :, None], cand)[0, :, 0]  # [Hkv, N]
-        whole = [j for j in range(N // block) if j * block >= lo[b] and (j + 1) * block <= hi[b]]
+        whole = [j for j in range((N - s) // block) if s + j * block >= lo[b] and s + (j + 1) * block <= hi[b]]
         for h in range(Hkv):
-            mass = torch.stack([probs[h, j * block:(j + 1) * block].sum() for j in whole])
+            mass = torch.stack([probs[h, s + j * block:s + (j + 1) * block].sum() for j in whole])
             want = {whole[i] for i in mass.topk(kb).indices.tolist()}
-            tokens = got[b, h][got[b, h] >= 0]
+            tokens = got[b, h][got[b, h] >= 0] - s
             assert len(tokens) == kb * block and set((tokens // block).tolist()) == want
             assert all((tokens[i * block:(i + 1) * block] % block == torch.arange(block)).all() for i in range(kb))
+
+
+def test_block_selection_of_a_padded_row_equals_the_row_alone():
+    g = torch.Generator().manual_seed(9)
+    B, Hkv, G, N, D = 2, 2, 2, 500, 16
+    k = torch.randn(B, Hkv, N, D, generator=g)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    pad = 37
+    kv_mask = torch.arange(N)[None, :] >= torch.tensor([0, pad])[:, None]
+    cfg = PQConfig(budget=100, sink_size=5, min_context=0, niter=4, selection="block", block_size=16)
+    batched = PQIndex.build(k, cfg, kv_mask).select(q, N, 0.25)
+    alone = PQIndex.build(k[1:, :, pad:], cfg).select(q[1:], N - pad, 0.25)
+    got = batched[1].sort(-1).values
+    want = alone[0].sort(-1).values
+    assert torch.equal(torch.where(got >= 0, got - pad, -1), want)
 
 
 def test_select_blocks_with_a_budget_below_one_block_selects_nothing():
