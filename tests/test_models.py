@@ -96,6 +96,45 @@ def test_interrupted_conversion_leaves_no_directory(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_installed_gguf_has_the_pinned_sha256():
+    assert models.file_sha256(find_default_gguf()) == models.GGUF_SHA256
+
+
+def test_gguf_with_another_sha256_is_refused_before_converting(monkeypatch, tmp_path):
+    fake = tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.parent.mkdir()
+    fake.write_bytes(b"not the model")
+    monkeypatch.setattr(models, "find_default_gguf", lambda: fake)
+    monkeypatch.setattr(models, "_convert", lambda *a: pytest.fail("converted a file with the wrong sha256"))
+    with pytest.raises(ValueError, match=f"has sha256 {models.file_sha256(fake)}, not the {models.GGUF_SHA256}"):
+        materialize_default_model(tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache" / models.DEFAULT_MODEL_NAME).exists()
+
+
+def test_copy_is_converted_again_when_its_gguf_changes(monkeypatch, tmp_path):
+    gguf = tmp_path / "pkg" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"version 1")
+    converted = []
+
+    def fake_convert(source, out_dir, progress):
+        converted.append(source.read_bytes())
+        for name in models._MARKER_FILES:
+            (out_dir / name).write_text(source.read_text())
+
+    monkeypatch.setattr(models, "find_default_gguf", lambda: gguf)
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    monkeypatch.setattr(models, "GGUF_SHA256", models.file_sha256(gguf))
+    target = materialize_default_model(tmp_path / "cache", progress=False)
+    assert materialize_default_model(tmp_path / "cache", progress=False) == target and converted == [b"version 1"]
+    assert json.loads((target / models._SOURCE_FILE).read_text())["sha256"] == models.GGUF_SHA256
+    gguf.write_bytes(b"version 2")  # e.g. a reinstall of the package
+    monkeypatch.setattr(models, "GGUF_SHA256", models.file_sha256(gguf))
+    assert materialize_default_model(tmp_path / "cache", progress=False) == target
+    assert converted == [b"version 1", b"version 2"] and (target / "config.json").read_text() == "version 2"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [models.DEFAULT_MODEL_NAME]
+
+
 def test_load_rejects_non_float_dtype(tmp_path):
     with pytest.raises(TypeError, match="torch.int8"):
         load_default_model(dtype=torch.int8, cache_dir=tmp_path)
@@ -195,6 +234,14 @@ def test_passkey_found(text, found):
 
 
 # --- the real model ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_no_progress_bar_when_asked_for_none(model_dir, capfd):
+    capfd.readouterr()
+    load_default_model(cache_dir=model_dir.parent, progress=False)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err, err[-500:]
 
 
 @pytest.mark.slow

