@@ -31,15 +31,10 @@ def test_bench_block_selection_runs_and_is_recorded(tmp_path):
     assert data["results"][0]["tpot_ms"] > 0
 
 
-def test_bench_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown preset 'llama-9'"):
-        main(["bench", "--preset", "llama-9", "--contexts", "1200"])
-    with pytest.raises(ValueError, match="unknown method 'flash'"):
-        main(["bench", "--preset", "tiny", "--methods", "pqcache,flash"])
-    with pytest.raises(SystemExit):
-        main(["bench", "--contexts", "8k"])
-    with pytest.raises(ValueError, match="PQConfig.block_size=0"):
-        main(["bench", "--preset", "tiny", "--selection", "block", "--block-size", "0"])
+def test_cli_presets_and_methods_are_the_benchs():
+    from pqflex.harness import cli
+
+    assert cli.BENCH_METHODS == bench.METHODS and set(cli.PRESETS) == set(bench.PRESETS)
 
 
 @pytest.mark.parametrize("preset", sorted(bench.PRESETS))

@@ -318,14 +318,12 @@ def main(args) -> int:
     else:
         device, dtype = device_and_dtype(args)
         model_config(args.preset)  # bad preset names raise before any work
-        for method in args.methods:
-            if method not in METHODS:
-                raise ValueError(f"unknown method {method!r}; allowed: {METHODS}")
         options = dict(args.pq, selection=args.selection, block_size=args.block_size)
         if args.backend is not None:
             options["backend"] = args.backend
         PQConfig(**{**options, "budget": args.budget})  # bad settings raise before any work
         results, models = [], {}
+        print("\n".join(table([]).splitlines()[:2]), flush=True)  # the header once; each row as it is measured
         for batch in args.batch:
             for context in args.contexts:
                 for method in args.methods:
@@ -350,7 +348,8 @@ def main(args) -> int:
                     if args.json:  # rewritten after every run, so a long sweep keeps what it measured
                         with open(args.json, "w") as f:
                             json.dump(data, f, indent=1)
-    print(table(results))
+    if args.from_json:
+        print(table(results))
     print(" ".join(f"{k}={v}" for k, v in data["environment"].items()))
     if args.plot:
         plot(data["results"], args.plot)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import sys
 
-from pqflex import METHODS
+import pqflex
+from pqflex import METHODS, PQConfig
 from pqflex.harness.suite import TASKS
+
+BENCH_METHODS = ("pqcache", "pqflex-dense", "sdpa-static", "sdpa")
+PRESETS = ("llama-3.1-8b", "mistral-7b", "qwen2.5-7b", "smollm2-135m", "tiny")
 
 
 def _budget(text: str) -> float | int:
@@ -14,12 +20,32 @@ def _budget(text: str) -> float | int:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a number of tokens or a fraction in (0, 1], got {text!r}")
+        value = math.nan
+    if not math.isfinite(value) or value <= 0 or (value > 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(
+            f"budget must be a fraction of the context in (0, 1] or a whole number of tokens, got {text!r}")
     return int(value) if value > 1 else value
 
 
+def _budgets(text: str) -> list[float | int]:
+    return [_budget(t) for t in text.split(",")]
+
+
+def _choices(allowed: tuple[str, ...] | list[str], what: str):
+    """A comma-separated list of names from ``allowed`` ("all" for every one)."""
+    def parse(text: str) -> list[str]:
+        names = list(allowed) if text == "all" else text.split(",")
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, unknown))}; allowed: "
+                                             f"{', '.join(allowed)} (or all)")
+        return names
+    return parse
+
+
 def _settings(text: str) -> dict[str, object]:
-    """``"M=4,nbits=8,backend=flex"`` -> ``{"M": 4, "nbits": 8, "backend": "flex"}`` (numbers parsed)."""
+    """``"M=4,nbits=8,backend=flex"`` -> ``{"M": 4, "nbits": 8, "backend": "flex"}`` (numbers parsed, checked by
+    :class:`pqflex.PQConfig`)."""
     out: dict[str, object] = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
@@ -33,6 +59,12 @@ def _settings(text: str) -> dict[str, object]:
                 continue
         else:
             out[key] = value
+    if "budget" in out:
+        raise argparse.ArgumentTypeError("give the budget with --budget, not in --pq")
+    try:
+        PQConfig(**out)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e).replace("__init__() got an ", ""))
     return out
 
 
@@ -46,94 +78,149 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pqflex", description="PQCache retrieval attention")
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="pqflex", description="PQCache retrieval attention", formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"pqflex {pqflex.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="find a hidden passkey with full attention and with pqcache")
-    demo.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default 4096)")
-    demo.add_argument("--budget", type=_budget, default=0.1,
-                      help="tokens attended per KV head: a count, or a fraction of the prompt (default 0.1)")
-    demo.add_argument("--depth", type=float, default=0.5, help="relative position of the passkey (default 0.5)")
+
+    def common(p: argparse.ArgumentParser, budgets: bool) -> None:
+        """The options every command spells the same way."""
+        if budgets:
+            p.add_argument("--budget", "--budgets", dest="budgets", type=_budgets, default=[0.2, 0.1, 0.05],
+                           help="tokens attended per KV head: fractions of the context or token counts, "
+                                "comma-separated")
+        else:
+            p.add_argument("--budget", "--budgets", dest="budgets", type=_budgets, default=[0.1],
+                           help="tokens attended per KV head: a fraction of the context or a token count")
+        p.add_argument("--pq", type=_settings, default={}, help="more PQConfig settings, e.g. M=2,nbits=6 "
+                                                                "(default: PQConfig's)")
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    model = sub.add_parser("model", help="print the local path of the default model (converting it once)",
+                           description="The embedded SmolLM2-135M-Instruct as a Hugging Face directory: the PATH "
+                                       "for from_pretrained(PATH) and lm_eval --model_args pretrained=PATH",
+                           formatter_class=fmt)
+    model.add_argument("--cache-dir", default=None, help="where converted models live (default: "
+                                                         "~/.cache/pqflex/models)")
+
+    demo = sub.add_parser("demo", help="find a hidden passkey with full attention and with pqcache",
+                          formatter_class=fmt)
+    common(demo, budgets=False)
+    demo.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
+    demo.add_argument("--depth", type=float, default=0.5, help="relative position of the passkey")
     demo.add_argument("--seed", type=int, default=0, help="seed of the passkey and filler")
     demo.add_argument("--model", default=None, help="a Hugging Face model directory (default: the embedded "
                                                     "SmolLM2-135M-Instruct)")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--synthetic", action="store_true",
                       help="no model: PQ retrieval on synthetic keys of Llama-3.1-8B's attention shape")
 
     bench = sub.add_parser("bench", help="decode speed (TTFT, TPOT, attention per layer) vs dense attention",
-                           description="Random-weight models of real shapes; see pqflex/bench.py and BENCHMARKS.md")
-    bench.add_argument("--preset", default="llama-3.1-8b",
-                       help="model shape: llama-3.1-8b, mistral-7b, qwen2.5-7b, smollm2-135m or tiny (CPU smoke)")
-    bench.add_argument("--contexts", type=_ints, default=[8192, 32768], help="prompt lengths, comma-separated")
-    bench.add_argument("--batch", type=_ints, default=[1], help="batch sizes, comma-separated")
-    bench.add_argument("--budget", type=_budget, default=0.1, help="pqcache budget (tokens or fraction)")
-    bench.add_argument("--methods", type=lambda t: t.split(","), default=["pqcache", "pqflex-dense", "sdpa-static",
-                                                                         "sdpa"],
-                       help="comma-separated: pqcache, pqflex-dense, sdpa-static, sdpa")
+                           description="Random-weight models of real shapes; see pqflex/harness/bench.py and "
+                                       "BENCHMARKS.md", formatter_class=fmt)
+    common(bench, budgets=False)
+    bench.add_argument("--preset", default=None, choices=PRESETS,
+                       help="model shape (default: llama-3.1-8b on CUDA, smollm2-135m on the CPU)")
+    bench.add_argument("--contexts", type=_ints, default=None,
+                       help="prompt lengths, comma-separated (default: 8192,32768 on CUDA, 2048 on the CPU)")
+    bench.add_argument("--batch-size", "--batch", dest="batch", type=_ints, default=[1],
+                       help="batch sizes, comma-separated")
+    bench.add_argument("--methods", type=_choices(BENCH_METHODS, "method"), default=list(BENCH_METHODS),
+                       help="comma-separated")
     bench.add_argument("--backend", default=None, choices=["fused", "gather", "flex"],
                        help="pqcache attention backend (default: PQConfig's)")
-    bench.add_argument("--pq", type=_settings, default={}, help="more PQConfig settings of pqcache, e.g. M=8,nbits=8")
     bench.add_argument("--selection", default="token", choices=["token", "block"], help="pqcache selection")
     bench.add_argument("--block-size", type=int, default=64, help="tokens per block of --selection block")
-    bench.add_argument("--new-tokens", type=int, default=32, help="timed decode steps (default 32)")
+    bench.add_argument("--new-tokens", type=int, default=32, help="timed decode steps")
     bench.add_argument("--warmup", type=int, default=5, help="decode steps before timing (compile, CUDA graphs)")
     bench.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                        help="default: bf16 on CUDA, fp32 on the CPU")
-    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--no-layer-attention", action="store_true", help="skip the per-layer attention timing")
     bench.add_argument("--no-generate", action="store_true",
                        help="skip the TTFT/TPOT measurement through model.generate()")
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
-    bench.add_argument("--plot", default=None, help="write a PNG of TPOT vs context (needs matplotlib)")
+    bench.add_argument("--plot", default=None, help="write a PNG of TPOT vs context (pip install 'pqflex[plot]')")
     bench.add_argument("--from-json", default=None, help="print (and --plot) the results of an earlier --json")
+
     ev = sub.add_parser("eval", help="the offline long-context suite: full attention, pqcache, streaming, oracle",
                         description="Synthetic long-context tasks built with the model's tokenizer; see "
-                                    "pqflex/suite.py, pqflex/evaluate.py and EVALS.md")
-    ev.add_argument("--tasks", type=lambda t: list(TASKS) if t == "all" else t.split(","), default=list(TASKS),
-                    help=f"comma-separated, or all (default): {', '.join(TASKS)}")
+                                    "pqflex/harness/suite.py, pqflex/harness/evaluate.py and EVALS.md",
+                        formatter_class=fmt)
+    common(ev, budgets=True)
+    ev.add_argument("--tasks", type=_choices(TASKS, "task"), default=list(TASKS), help="comma-separated, or all")
     ev.add_argument("--lengths", type=_ints, default=[2048, 4096], help="prompt lengths in tokens, comma-separated")
-    ev.add_argument("--budgets", type=lambda t: [_budget(x) for x in t.split(",")], default=[0.2, 0.1, 0.05],
-                    help="budgets (fractions or token counts), comma-separated (default 0.2,0.1,0.05)")
-    ev.add_argument("--methods", type=lambda t: t.split(","), default=list(METHODS),
-                    help=f"comma-separated: {', '.join(METHODS)}")
-    ev.add_argument("--pq", type=_settings, default={}, help="more PQConfig settings of the sparse methods, e.g. "
-                                                          "M=4,nbits=8 (default: PQConfig's)")
-    ev.add_argument("--samples", type=int, default=5, help="prompts per task and length (default 5)")
+    ev.add_argument("--methods", type=_choices(METHODS, "method"), default=list(METHODS), help="comma-separated")
+    ev.add_argument("--samples", type=int, default=5, help="prompts per task and length")
     ev.add_argument("--seed", type=int, default=0, help="seed of the first prompt (prompt i uses seed + i)")
     ev.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (left padding)")
     ev.add_argument("--model", default=None, help="a Hugging Face model directory (default: the embedded "
                                                   "SmolLM2-135M-Instruct)")
-    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="model dtype (default fp32)")
+    ev.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="model dtype")
     ev.add_argument("--json", default=None, help="write every prediction and score to this JSON file")
-    ev.add_argument("--plot", default=None, help="write a PNG of the average score vs budget (needs matplotlib)")
+    ev.add_argument("--plot", default=None, help="write a PNG of the average score vs budget "
+                                                 "(pip install 'pqflex[plot]')")
     ev.add_argument("--from-json", default=None, help="print (and --plot) the results of an earlier --json")
     ev.add_argument("--resume", action="store_true", help="keep the complete cells of an interrupted --json run")
-    args = parser.parse_args(argv)
+    return parser, {"model": model, "demo": demo, "bench": bench, "eval": ev}
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = _parser()
+    args = parser.parse_args(argv)
+    sub = commands[args.command]  # errors in the command's own words
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
+        sub.error("--plot needs matplotlib: pip install 'pqflex[plot]'")
+    try:
+        return _run(args, sub)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:  # user errors: no traceback
+        sub.exit(2, f"pqflex {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        if args.command == "eval" and args.json:
+            sub.exit(130, f"\npqflex eval: interrupted; what was measured is in {args.json}: rerun the same command "
+                          "with --resume to continue\n")
+        sub.exit(130, f"\npqflex {args.command}: interrupted\n")
+
+
+def _run(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
+    if args.command == "model":
+        from pqflex.harness.models import materialize_default_model
+
+        print(materialize_default_model(args.cache_dir, progress=True))
+        return 0
     if args.command == "eval":
         from pqflex.harness import evaluate
 
         if args.samples < 1 or args.batch_size < 1:
-            parser.error(f"--samples and --batch-size must be >= 1, got {args.samples} and {args.batch_size}")
+            sub.error(f"--samples and --batch-size must be >= 1, got {args.samples} and {args.batch_size}")
         if args.resume and not args.json:
-            parser.error("--resume needs --json (the file of the interrupted run)")
+            sub.error("--resume needs --json (the file of the interrupted run)")
         return evaluate.main(args)
     if args.command == "bench":
         from pqflex.harness import bench as benchmark
 
-        if args.dtype is None:
-            cuda = (args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")).startswith("cuda")
-            args.dtype = "bf16" if cuda else "fp32"
+        cuda = (args.device or ("cuda" if _cuda() else "cpu")).startswith("cuda")
+        args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+        args.preset = args.preset or ("llama-3.1-8b" if cuda else "smollm2-135m")
+        args.contexts = args.contexts or ([8192, 32768] if cuda else [2048])
+        if len(args.budgets) != 1:
+            sub.error(f"bench takes one --budget, got {len(args.budgets)}")
+        args.budget = args.budgets[0]
         return benchmark.main(args)
-    if args.command == "demo":
-        from pqflex.harness import demo as demos
+    if len(args.budgets) != 1:
+        sub.error(f"demo takes one --budget, got {len(args.budgets)}")
+    from pqflex.harness import demo as demos
 
-        if args.synthetic:
-            demos.synthetic_demo(args.length, args.budget, args.seed)
-        else:
-            demos.passkey_demo(args.length, args.budget, args.depth, args.seed, args.model, args.device)
+    if args.synthetic:
+        demos.synthetic_demo(args.length, args.budgets[0], args.seed, args.pq)
+    else:
+        demos.passkey_demo(args.length, args.budgets[0], args.depth, args.seed, args.model, args.device,
+                           settings=args.pq)
     return 0
 
 

@@ -56,7 +56,8 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 
 def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0.5, seed: int = 0,
-                 model_path: str | None = None, device: str | None = None, max_new_tokens: int = 12) -> dict:
+                 model_path: str | None = None, device: str | None = None, max_new_tokens: int = 12,
+                 settings: dict | None = None) -> dict:
     """Answer one passkey prompt with full attention and with pqcache on the default (or given) model.
 
     The prompt is prefilled once, densely (pqcache prefills densely too); the two methods then decode from the
@@ -79,7 +80,7 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
     prompt = passkey_prompt(tokenizer, length, depth, seed=seed)
     ids = prompt.input_ids.to(dev)
     stop_ids = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
-    config = PQConfig(budget=budget)
+    config = PQConfig(budget=budget, **(settings or {}))
     resolved = config.resolve_budget(prompt.n_tokens)
     print(f"model: {name} on {dev} ({dtype}), loaded in {load_s:.1f} s")
     print(f"prompt: {prompt.n_tokens} tokens, pass key {prompt.passkey} hidden at depth {depth:.0%}; prefilling...",
@@ -89,7 +90,10 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
     with torch.no_grad():
         out, prefill_s = _timed(lambda: model(ids, use_cache=True, **{CACHE_KWARG: dense_cache}), dev)
     first = out.logits[:, -1]
+    print(f"prefill done in {prefill_s:.1f} s; building the PQ index (k-means, {model.config.num_hidden_layers} "
+          "layers)...", flush=True)
     pq_cache, index_s = index_prefilled(model, dense_cache, config)
+    print(f"index built in {index_s:.1f} s; decoding with full attention, then with pqcache...", flush=True)
     kv_bytes = sum(_nbytes(layer.keys, layer.values) for layer in dense_cache.layers)
     index_bytes = pq_cache.pq_nbytes
 
@@ -116,7 +120,7 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
             "index_s": index_s, "kv_bytes": kv_bytes, "index_bytes": index_bytes, **rows}
 
 
-def synthetic_demo(n_ctx: int = 8192, budget: float | int = 0.1, seed: int = 0) -> dict:
+def synthetic_demo(n_ctx: int = 8192, budget: float | int = 0.1, seed: int = 0, settings: dict | None = None) -> dict:
     """PQ retrieval on synthetic clustered keys with a planted needle; prints the selection and the error.
 
     Shapes follow Llama-3.1-8B's attention (8 KV heads, 4 query heads each, head dim 128), one layer.
@@ -132,7 +136,7 @@ def synthetic_demo(n_ctx: int = 8192, budget: float | int = 0.1, seed: int = 0) 
     direction = query[0, :, 0].reshape(Hkv, G, D).mean(1)  # [Hkv, D]
     key[0, :, needle] = 2.5 * direction / direction.norm(dim=-1, keepdim=True) * key[0].norm(dim=-1).mean()
 
-    config = PQConfig(budget=budget)
+    config = PQConfig(budget=budget, **(settings or {}))
     scale = D ** -0.5
     t0 = time.perf_counter()
     index = PQIndex.build(key, config)

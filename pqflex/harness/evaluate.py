@@ -151,22 +151,24 @@ def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], budgets: li
                     PQConfig.for_method(m, budget=b, **(settings or {}))
     words = vocabulary(tokenizer)
     rows = []
-    for length in lengths:
-        for task in tasks:
-            if (length, task) in (done or set()):
-                continue
-            batch_samples = [make_sample(tokenizer, task, length, seed + i, words) for i in range(samples)]
-            for start in range(0, samples, batch_size):
-                t0 = time.perf_counter()
-                batch = run_batch(model, tokenizer, batch_samples[start:start + batch_size], methods, budgets,
-                                  settings)
-                for r in batch:
-                    r.length = length
-                rows += batch
-                if on_batch is not None:
-                    on_batch(rows)
-                log(f"{task} {length} samples {start}-{start + len(batch_samples[start:start + batch_size]) - 1}: "
-                    f"{time.perf_counter() - t0:.1f} s")
+    cells = [(length, task) for length in lengths for task in tasks if (length, task) not in (done or set())]
+    total, finished, began = len(cells) * samples, 0, time.perf_counter()
+    for length, task in cells:
+        batch_samples = [make_sample(tokenizer, task, length, seed + i, words) for i in range(samples)]
+        for start in range(0, samples, batch_size):
+            t0 = time.perf_counter()
+            batch = run_batch(model, tokenizer, batch_samples[start:start + batch_size], methods, budgets, settings)
+            for r in batch:
+                r.length = length
+            rows += batch
+            if on_batch is not None:
+                on_batch(rows)
+            n = len(batch_samples[start:start + batch_size])
+            finished += n
+            elapsed = time.perf_counter() - began
+            eta = elapsed / finished * (total - finished)
+            log(f"[{finished}/{total} prompts, {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min] {task} {length} "
+                f"samples {start}-{start + n - 1}: {time.perf_counter() - t0:.1f} s")
     return rows
 
 
