@@ -61,3 +61,23 @@ def test_pq_settings_without_pqcache_raise():
     assert glue.apply(Model(), {}) is None
     kwargs = {"pq_budget": 0.1, "dtype": "float32"}
     assert glue.pop_settings(kwargs) == {"budget": 0.1} and kwargs == {"dtype": "float32"}
+
+
+def test_startup_hook_is_light():
+    code = "import sys; print('_pqflex_lm_eval_hook' in sys.modules, 'importlib.abc' in sys.modules, len(sys.modules))"
+    hooked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()
+    bare = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True).stdout.split()
+    assert hooked[:2] == ["True", "False"], hooked  # the hook is installed and imports nothing heavy
+    assert int(hooked[2]) - int(bare[2]) < 20, (hooked, bare)  # site + the .pth files, not importlib.abc's 60
+
+
+def test_a_broken_pqflex_never_breaks_lm_eval(tmp_path):
+    broken = tmp_path / "pqflex"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('simulated: incompatible transformers')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    code = "import warnings; warnings.simplefilter('always'); import lm_eval.models.huggingface as m; print(m.HFLM)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)  # not the checkout: its pqflex would come first
+    assert done.returncode == 0 and "HFLM" in done.stdout, done.stderr[-2000:]
+    assert "pqflex: attn_implementation='pqcache' is unavailable in lm-eval" in done.stderr
