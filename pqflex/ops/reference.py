@@ -40,14 +40,31 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, se
     x_sq = xf.pow(2).sum(-1)  # [L, N]
 
     def step(centroids: torch.Tensor):
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; argmin needs only the last two terms.
-        partial = torch.baddbmm(centroids.pow(2).sum(-1)[:, None, :], xf, centroids.transpose(1, 2), alpha=-2)
-        assign = partial.argmin(-1)  # [L, N]
+        assign, partial = nearest(xf, centroids)
         sums, counts = _cluster_sums(xf, w, assign, ksub)
-        dist = partial.gather(-1, assign[..., None]).squeeze(-1) + x_sq  # [L, N] distance to own centroid
-        return sums, counts, dist
+        return sums, counts, partial + x_sq  # [L, N] squared distance to its centroid
 
     return lloyd(xf, w, ksub, niter, seed, tol, step)
+
+
+def nearest(x: torch.Tensor, centroids: torch.Tensor,
+            block_bytes: int = 8 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index ``[L, N]`` of each point's nearest centroid and ``||c||^2 - 2 x.c`` for it (ties: lowest index).
+
+    ``||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2``; the argmin needs the last two terms only. The ``[L, n, ksub]``
+    distance block is computed for a slice of the points at a time (about ``block_bytes``), so it stays in the
+    cache instead of a full ``[L, N, ksub]`` matrix going through memory three times.
+    """
+    L, N, _ = x.shape
+    c = centroids.float()
+    c_t, c_sq = c.transpose(1, 2), c.pow(2).sum(-1)[:, None, :]  # [L, dsub, ksub], [L, 1, ksub]
+    chunk = max(1, block_bytes // (4 * L * c.shape[1]))
+    assign = torch.empty(L, N, dtype=torch.long, device=x.device)
+    partial = torch.empty(L, N, device=x.device)
+    for lo in range(0, N, chunk):
+        block = torch.baddbmm(c_sq, x[:, lo:lo + chunk], c_t, alpha=-2)  # [L, n, ksub]
+        partial[:, lo:lo + chunk], assign[:, lo:lo + chunk] = block.min(-1)
+    return assign, partial
 
 
 def kmeans_weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -121,9 +138,7 @@ def encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[L, N]`` int64 codes (ties go to the lowest index).
     """
-    c = centroids.float()
-    partial = torch.baddbmm(c.pow(2).sum(-1)[:, None, :], x.float(), c.transpose(1, 2), alpha=-2)  # [L, N, ksub]
-    return partial.argmin(-1)
+    return nearest(x.float(), centroids)[0]
 
 
 def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -208,9 +223,19 @@ def select_topk(scores: torch.Tensor, topk: torch.Tensor, k_max: int) -> tuple[t
     B, _, _, N = scores.shape
     k = min(k_max, N)
     # Equal scores are common (tokens with equal codes): break ties toward the later token, so the selection
-    # depends on positions relative to each other only (a padded row selects what it selects alone).
-    values, order = scores.flip(-1).sort(dim=-1, descending=True, stable=True)
-    values, indices = values[..., :k], N - 1 - order[..., :k]
+    # depends on positions relative to each other only (a padded row selects what it selects alone). The k-th
+    # largest score is the threshold; all tokens above it and the latest of those equal to it are the top k, then
+    # only those k are ordered (best first, later first among equals): no sort of all N scores.
+    kth = scores.topk(k, dim=-1).values[..., -1:]  # [B, Hkv, S, 1]
+    above, equal = scores > kth, scores == kth
+    need = k - above.sum(-1, keepdim=True)
+    later = equal.flip(-1).cumsum(-1).flip(-1)  # 1 at the last tied token, 2 at the one before, ...
+    take = above | (equal & (later <= need))  # exactly k tokens
+    pos = torch.arange(N, device=scores.device)
+    indices = torch.where(take, pos, -1).topk(k, dim=-1).values  # the k taken positions, latest first
+    values = scores.gather(-1, indices)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    indices = indices.gather(-1, order)
     ranks = torch.arange(k, device=scores.device)
     valid = (ranks < topk.view(B, 1, 1, 1)) & (values >= 0)
     if k < k_max:
