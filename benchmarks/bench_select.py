@@ -21,6 +21,8 @@ import sys
 import torch
 import triton
 
+from benchmarks.bench_ops import torch_select
+from benchmarks.bench_sparse_attention import kernel_breakdown
 from pqflex.ops import reference
 from pqflex.ops.pq_select import pq_select_cells, pq_select_radix, use_cells
 from pqflex.quantizer import ProductQuantizer
@@ -62,15 +64,6 @@ def graph_us(fn, budget_ms: float = 3.0, replays: int = 25) -> float:
     return statistics.median(times)
 
 
-def torch_select(ip_table, codes, lo, hi, k):
-    """Plain torch: ADC scores, per-head softmax over the candidates, group sum, torch.topk."""
-    scores = reference.adc_scores(ip_table, codes) * SCALE  # [B, Hkv, G, N]
-    pos = torch.arange(codes.shape[2], device=codes.device)
-    cand = (pos >= lo[:, None, None, None]) & (pos < hi[:, None, None, None])
-    probs = torch.softmax(scores.masked_fill(~cand, float("-inf")), dim=-1).sum(2)  # [B, Hkv, N]
-    return probs.topk(k, dim=-1).indices
-
-
 def check_selection(out, args):
     """Same number selected per row and the same multiset of reference scores as the reference (ties aside)."""
     ip_table, codes, lo, hi, topk, k_max, scale = args
@@ -92,18 +85,6 @@ def clustered_keys(B: int, n: int, gen: torch.Generator) -> torch.Tensor:
     assign = torch.randint(256, (B, HKV, n), device="cuda", generator=gen)
     keys = centers.gather(2, assign[..., None].expand(B, HKV, n, D))
     return (keys + torch.randn(B, HKV, n, D, device="cuda", generator=gen)).to(torch.bfloat16)
-
-
-def profile_passes(fn, calls: int = 20) -> dict[str, float]:
-    """Mean device time (us) of each kernel of ``fn``, from torch.profiler."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key[:40]: e.device_time_total / calls for e in prof.key_averages() if e.device_time_total > 0}
 
 
 def bucket_sizes(args) -> dict:
@@ -144,7 +125,7 @@ def bench(n: int, batch: int, codes: torch.Tensor, ip_table: torch.Tensor, M: in
     if batch == 1:
         row.update(bucket_sizes(args))
     if (M, nbits) in PROFILED:
-        row["kernels_us"] = profile_passes(lambda: pq_select_radix(*args))
+        row["kernels_us"] = kernel_breakdown(lambda: pq_select_radix(*args))
     if (M, nbits) == (8, 8):  # the knobs of the radix path
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         for per_sm in (2, 8):
