@@ -82,7 +82,8 @@ def bench_select(n: int, frac: float, gen: torch.Generator) -> dict:
     bytes_moved = codes.numel() + B * HKV * k * 4 + ip_table.numel() * 4
     return dict(N=n, topk=k, select_graph_us=t_fast_graph, select_eager_us=t_fast,
                 torch_graph_us=t_plain_graph, torch_eager_us=t_plain, speedup_graph=t_plain_graph / t_fast_graph,
-                plan_warps4_graph_us=warps[4], plan_warps16_graph_us=warps[16], bytes=bytes_moved, floor_us=bytes_moved / 3.0e12 * 1e6,
+                plan_warps4_graph_us=warps[4], plan_warps16_graph_us=warps[16], bytes=bytes_moved,
+                floor_us=bytes_moved / 3.0e12 * 1e6,
                 achieved_GBps=bytes_moved / (t_fast_graph * 1e-6) / 1e9)
 
 
@@ -145,7 +146,8 @@ def main() -> None:
                transformers=transformers.__version__, python=platform.python_version())
     lengths = [int(x) for x in args.lengths.split(",")]
     select = [bench_select(n, frac, gen) for n in lengths for frac in (0.05, 0.1)]
-    build = [bench_index_build(n, gen, niter=it) for n in lengths if n >= 32768 and not args.no_build for it in (10, 20)]
+    build = [bench_index_build(n, gen, niter=it) for n in lengths if n >= 32768 and not args.no_build
+             for it in (10, 20)]
     result = dict(env=env, shape=dict(B=B, Hkv=HKV, G=G, D=D, M=M, nbits=NBITS, dtype="bfloat16"),
                   select=select, index_build=build)
     if args.out:

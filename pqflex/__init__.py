@@ -10,6 +10,6 @@ from pqflex.integrations.transformers import CACHE_KWARG, PQCache, PQStaticCache
 from pqflex.layer import PQCacheState, PQLayer
 from pqflex.quantizer import ProductQuantizer
 
-__all__ = ["CACHE_KWARG", "METHODS", "Budget", "PQCache", "PQCacheState", "PQConfig", "PQIndex", "PQLayer", "PQStaticCache", "ProductQuantizer", "configure",
-           "get_config", "retrieval_attention"]
+__all__ = ["CACHE_KWARG", "METHODS", "Budget", "PQCache", "PQCacheState", "PQConfig", "PQIndex", "PQLayer",
+           "PQStaticCache", "ProductQuantizer", "configure", "get_config", "retrieval_attention"]
 __version__ = "0.1.0"

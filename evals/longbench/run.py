@@ -9,7 +9,8 @@ Protocol (:mod:`evals.longbench.protocol`): the official prompt of each task, tr
 ``--max-length`` tokens, the model's chat template except for trec, triviaqa, samsum, lsht, lcc and repobench-p,
 greedy decoding of the task's number of new tokens (samsum also stops at a newline), and the official metrics
 (:mod:`evals.longbench.metrics`). Every method decodes from the same dense prefill of each prompt
-(:func:`pqflex.harness.evaluate.run_batch`). Writes ``predictions.jsonl``, ``scores.json`` and ``scores.md`` to ``--out``.
+(:func:`pqflex.harness.evaluate.run_batch`). Writes ``predictions.jsonl``, ``scores.json`` and ``scores.md`` to
+``--out``.
 """
 
 from __future__ import annotations
