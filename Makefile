@@ -31,7 +31,8 @@ test-compat:
 	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"; fi
 	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[dev]" "$(COMPAT_TRANSFORMERS)"
-	$(COMPAT_VENV)/bin/python -m pytest -q tests/test_transformers.py
+	$(COMPAT_VENV)/bin/python -m pytest -q tests/test_transformers.py tests/test_cache_state.py tests/test_compile.py \
+		tests/test_robustness.py
 
 demo: setup
 	$(VENV)/bin/pqflex demo
