@@ -7,7 +7,9 @@ layer) and calls :meth:`PQLayer.forward` with the tensors; the runtime decides t
 - **prefill**: every forward before the first decode step belongs to the prompt, however many chunks it takes.
   Each attends densely (causal, over every cached token). The index of the prompt is built once the prompt is
   complete: at the first decode step for a growing cache, or at the end of each prompt forward for a
-  fixed-capacity cache (its decode step is compiled and must not build anything).
+  fixed-capacity cache (its decode step is compiled and must not build anything). Inside a
+  :class:`PQCacheState` (a cache) the runtimes only record their prompt and the state indexes all layers in one
+  batched k-means: at the first decode step, or after the last layer's prompt forward of a fixed-capacity cache.
 - **step**: a forward after the prompt. Its new keys are encoded with the prompt's centroids, and each query
   attends its sink + top-k + recent tokens. A forward of one token after the prompt is a decode step; so a
   prompt chunk of a single token is taken for one.
