@@ -96,3 +96,19 @@ def test_unsupported_families_raise_one_sentence_naming_the_class():
     for build in (lambda: pqflex.configure(falcon), lambda: PQCache(falcon)):
         with pytest.raises(NotImplementedError, match="FalconForCausalLM has no transformers attention layers"):
             build()
+
+
+@pytest.mark.parametrize("kmeans", ["reference", "op"])
+def test_kmeans_ignores_non_finite_values_at_masked_points(kmeans):
+    """The k-means op itself masks by selection: NaN/inf at masked-out points change nothing."""
+    from pqflex.ops import reference
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 300, 4, generator=g)
+    mask = torch.rand(2, 300, generator=g) > 0.2
+    run = reference.kmeans if kmeans == "reference" else torch.ops.pqflex.kmeans
+    clean = run(x, mask, 16, 4, 0, 0.0)
+    poisoned = x.clone()
+    poisoned[~mask] = float("nan")
+    poisoned[~mask & (torch.arange(300) % 2 == 0)] = float("inf")
+    torch.testing.assert_close(run(poisoned, mask, 16, 4, 0, 0.0), clean)
