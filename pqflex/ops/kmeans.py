@@ -21,7 +21,10 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-_BLOCK_N = 128
+# Points per tile and warps of the step kernel: a tile's [points x ksub] distances live in registers; 128 x 256 with
+# 4 warps spilled (H200, 32 layers x 8 heads at 32K: 424 ms per build, 32 x 4: 194 ms; benchmarks/bench_build.py).
+_BLOCK_N = 32
+_NUM_WARPS = 4
 _PROGRAMS_PER_PROBLEM = 16
 
 
@@ -86,7 +89,7 @@ def kmeans_triton(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: 
         kernel[(L, programs)](xf, w, centroids.contiguous(), sums, counts, dist, N, dsub, tiles_per_program,
                               xf.stride(0), xf.stride(1), w.stride(0),
                               KSUB=ksub, DSUB_P=max(16, triton.next_power_of_2(dsub)), BLOCK_N=_BLOCK_N,
-                              num_warps=4)
+                              num_warps=_NUM_WARPS)
         return sums.sum(1), counts.sum(1), dist
 
     return reference.lloyd(xf, w, ksub, niter, seed, tol, step)
