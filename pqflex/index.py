@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pqflex.config import PQConfig
-from pqflex.ops import reference
+from pqflex.ops import native, reference
 from pqflex.ops.pq_select import pq_select
 from pqflex.quantizer import ProductQuantizer
 from pqflex.sparse import FLEX_KV_BLOCK, decode_token_list, sparse_decode_attention
@@ -306,6 +306,34 @@ class PQIndex:
         kv_block = block if self.config.selection == "block" and block % 16 == 0 else FLEX_KV_BLOCK
         return sparse_decode_attention(query, key, value, idx, valid, scale, self.config.backend, self.full_lists,
                                        kv_block)
+
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: torch.Tensor | int,
+               scale: float) -> torch.Tensor:
+        """A decode step whose newest key (row ``n - 1`` of ``key``) is not indexed yet: index it, then :meth:`step`.
+
+        A growing index (``n - 1`` rows) appends the new code, a fixed-capacity one stores it at row ``n - 1``. On
+        the CPU in fp32 (PQ scores, token selection, the default ``"fused"`` backend, eager) both happen in one C
+        pass, :func:`pqflex.ops.native.decode_step`, with the same math.
+        """
+        growing = self.num_tokens < key.shape[-2]
+        if (self.quantizer is not None and not self.dense and self.config.selection == "token"
+                and self.config.backend == "fused" and not torch.compiler.is_compiling()
+                and native.usable(query, key, value)):
+            m = int(n)
+            out, new = native.decode_step(query, key, value, self.quantizer.centroids, self.codes, self.start,
+                                          self.sink, self.recent, self.topk, m, self.k_max, scale)
+            if new is None:  # a non-finite key: the reference's arithmetic decides its code
+                new = self.quantizer.encode(key[:, :, m - 1:m])
+            if growing:
+                self.codes = torch.cat([self.codes, new], dim=-2)
+            else:
+                self.codes[:, :, m - 1:m] = new
+            return out.to(query.dtype)
+        if growing:
+            self.append(key[:, :, self.num_tokens:])
+        else:
+            self.store(key, n if torch.is_tensor(n) else torch.tensor(n, device=key.device))
+        return self.step(query, key, value, n, scale)
 
     def plan(self, query: torch.Tensor, scale: float, key: torch.Tensor | None = None) -> torch.Tensor:
         """Which cached tokens each query attends, per KV head.

@@ -123,8 +123,7 @@ class PQLayer:
                 raise NotImplementedError(f"a fixed-capacity cache decodes one token per forward, got {S} after "
                                           "decoding started; to start a new prompt, call cache.reset() first")
             self.decoding = True
-            self.index.store(key, n)
-            return self.index.step(query, key, value, n, scale)
+            return self.index.decode(query, key, value, n, scale)
         N = key.shape[-2]
         check_attention_inputs(query, key, value, self.config)
         if self.index is None:
@@ -142,6 +141,8 @@ class PQLayer:
                                f"step but the PQ index covers {index.num_tokens} tokens of {index.codes.shape[0]}; "
                                "the cache was changed outside pqflex (reset() it for a new sequence)")
         self.decoding = True
+        if S == 1:
+            return index.decode(query, key, value, N, scale)
         index.append(key[:, :, N - S:])
         return index.attend(query, key, value, scale)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pqflex.ops import reference
+from pqflex.ops import native, reference
 from pqflex.ops.pq_select import (MAX_CELL_BITS, pq_select, pq_select_cells, pq_select_radix,
                                   pq_select_triton, use_cells)
 
@@ -114,8 +114,12 @@ def test_topk_one_and_all_candidates():
             assert torch.equal((out >= 0).sum(-1), torch.minimum(topk, cand)[:, None].expand(2, 2).int())
 
 
-def test_registered_op_cpu_is_the_reference():
+def test_registered_op_cpu_is_native_or_the_reference(monkeypatch):
+    """The CPU kernel: the native C kernel for fp32 tables (tests/test_native.py), the reference otherwise."""
     args = make_inputs(2, 2, 4, 2, 6, 300, 0.1, device="cpu")
+    check(torch.ops.pqflex.pq_select, args)
+    assert torch.equal(torch.ops.pqflex.pq_select(args[0].double(), *args[1:]), reference.pq_select(*args))
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
     assert torch.equal(torch.ops.pqflex.pq_select(*args), reference.pq_select(*args))
 
 

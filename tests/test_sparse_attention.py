@@ -4,7 +4,7 @@ on CPU, compiled on CUDA."""
 import pytest
 import torch
 
-from pqflex.ops import reference
+from pqflex.ops import native, reference
 from pqflex.ops.sparse_attention import sparse_decode_attention, sparse_decode_attention_triton
 
 from tests.helpers import assert_close_rule
@@ -83,8 +83,14 @@ def test_triton_half_int32_idx_and_every_slot_invalid():
     assert torch.equal(none, torch.zeros_like(none))
 
 
-def test_registered_op_cpu_is_the_reference():
+def test_registered_op_cpu_is_native_or_the_reference(monkeypatch):
+    """The CPU kernel: the native C kernel for fp32 (tests/test_native.py), the reference otherwise."""
     args = make_inputs(2, 2, 4, 16, 100, 30, device="cpu") + [0.25]
+    torch.testing.assert_close(torch.ops.pqflex.sparse_decode_attention(*args),
+                               reference.sparse_decode_attention(*args), atol=2e-6, rtol=1e-5)
+    half = [t.half() if t.is_floating_point() else t for t in args[:5]] + [0.25]
+    assert torch.equal(torch.ops.pqflex.sparse_decode_attention(*half), reference.sparse_decode_attention(*half))
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
     assert torch.equal(torch.ops.pqflex.sparse_decode_attention(*args), reference.sparse_decode_attention(*args))
 
 

@@ -1,5 +1,6 @@
 """The transformers integration on tiny random-weight models (no downloads)."""
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -11,6 +12,7 @@ import pqflex
 from pqflex import PQCache, PQConfig, PQIndex
 from pqflex import index as pq_index
 from pqflex.integrations import transformers as pq_tf
+from pqflex.ops import native
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=None, bos_token_id=None,
@@ -71,7 +73,11 @@ def test_budget_covering_context_is_token_identical_to_sdpa(arch):
 
 
 def _spy_plan():
-    """Counts the tokens each decode step attends per sequence and KV head."""
+    """Counts the tokens each decode step attends per sequence and KV head.
+
+    Through the ops' path (its token list): the CPU's one-pass native step is switched off while spying
+    (tests/test_native.py checks that it equals this path).
+    """
     counts = []
     original = pq_index.decode_token_list
 
@@ -80,7 +86,13 @@ def _spy_plan():
         counts.append(valid.sum(-1))  # [B, Hkv]
         return idx, valid
 
-    return counts, mock.patch.object(pq_index, "decode_token_list", token_list)
+    @contextlib.contextmanager
+    def spy():
+        with (mock.patch.object(pq_index, "decode_token_list", token_list),
+              mock.patch.object(native, "usable", lambda *tensors: False)):
+            yield
+
+    return counts, spy()
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from pqflex import CACHE_KWARG, PQCache, PQConfig, PQIndex, configure
+from pqflex.ops import native
 
 
 def _sync(device: torch.device) -> None:
@@ -24,22 +25,60 @@ def _timed(fn, device: torch.device):
     return out, time.perf_counter() - t0
 
 
+class AttentionTimer:
+    """Wall time spent inside a model's attention layers (projections included), from forward hooks.
+
+    Meaningful on the CPU, where ops run synchronously; on a GPU it would time kernel launches only.
+    """
+
+    def __init__(self, model) -> None:
+        self.spent, self._t0 = 0.0, 0.0
+        layers = [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+        self._handles = [h for m in layers for h in (m.register_forward_pre_hook(self._start),
+                                                     m.register_forward_hook(self._stop))]
+
+    def _start(self, *_) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_) -> None:
+        self.spent += time.perf_counter() - self._t0
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def greedy_decode(model, first_logits: torch.Tensor, cache, max_new_tokens: int,
-                  stop_ids: set[int]) -> tuple[list[int], float]:
-    """Greedy decoding from the prefill's last logits; returns the tokens and the median step time (s)."""
-    tokens, steps = [], []
+                  stop_ids: set[int]) -> tuple[list[int], float, float]:
+    """Greedy decoding from the prefill's last logits.
+
+    Returns the tokens, the median step time (s) and the median time of a step spent in the attention layers (s;
+    NaN on a GPU, see :class:`AttentionTimer`).
+    """
+    tokens, steps, attention = [], [], []
     logits = first_logits
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            token = int(logits.argmax(-1))
-            tokens.append(token)
-            if token in stop_ids:
-                break
-            ids = torch.tensor([[token]], device=logits.device)
-            out, dt = _timed(lambda: model(ids, use_cache=True, **{CACHE_KWARG: cache}), logits.device)
-            logits = out.logits[:, -1]
-            steps.append(dt)
-    return tokens, (sorted(steps)[len(steps) // 2] if steps else float("nan"))
+    timer = AttentionTimer(model) if logits.device.type == "cpu" else None
+    try:
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                token = int(logits.argmax(-1))
+                tokens.append(token)
+                if token in stop_ids:
+                    break
+                ids = torch.tensor([[token]], device=logits.device)
+                before = timer.spent if timer else 0.0
+                out, dt = _timed(lambda: model(ids, use_cache=True, **{CACHE_KWARG: cache}), logits.device)
+                logits = out.logits[:, -1]
+                steps.append(dt)
+                attention.append(timer.spent - before if timer else float("nan"))
+    finally:
+        if timer:
+            timer.remove()
+    return tokens, _median(steps), _median(attention)
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else float("nan")
 
 
 def index_prefilled(model, dense_cache: DynamicCache, config: PQConfig) -> tuple[PQCache, float]:
@@ -97,9 +136,9 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
     kv_bytes = sum(_nbytes(layer.keys, layer.values) for layer in dense_cache.layers)
     index_bytes = pq_cache.pq_nbytes
 
-    dense_tokens, dense_step = greedy_decode(model, first, dense_cache, max_new_tokens, stop_ids)
+    dense_tokens, dense_step, dense_attn = greedy_decode(model, first, dense_cache, max_new_tokens, stop_ids)
     configure(model, config)
-    pq_tokens, pq_step = greedy_decode(model, first, pq_cache, max_new_tokens, stop_ids)
+    pq_tokens, pq_step, pq_attn = greedy_decode(model, first, pq_cache, max_new_tokens, stop_ids)
 
     attended = resolved.total if not resolved.dense else prompt.n_tokens
     print(f"prefill (dense, shared): {prefill_s:.2f} s; PQ index build (k-means {config.niter} iters + encode, "
@@ -108,14 +147,19 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
           f"{resolved.recent_size} + top-k {resolved.topk} = {attended} of {prompt.n_tokens}+ tokens attended "
           f"per KV head and step ({attended / prompt.n_tokens:.1%})")
     print(f"KV cache {kv_bytes / 2**20:.1f} MiB; PQ index (codes + centroids) {index_bytes / 2**20:.2f} MiB")
-    print(f"{'':16}{'answer':36}{'found':>6}{'ms/token':>10}")
+    print(f"{'':16}{'answer':36}{'found':>6}{'ms/token':>10}{'attention':>11}")
     rows = {}
-    for label, tokens, step in (("full attention", dense_tokens, dense_step), ("pqcache", pq_tokens, pq_step)):
+    for label, tokens, step, attn in (("full attention", dense_tokens, dense_step, dense_attn),
+                                      ("pqcache", pq_tokens, pq_step, pq_attn)):
         text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
         found = passkey_found(text, prompt.passkey)
-        rows[label] = dict(answer=text, found=found, ms_per_token=step * 1e3)
-        print(f"{label:16}{text[:34]!r:36}{'yes' if found else 'no':>6}{step * 1e3:10.1f}")
-    print("(ms/token: median decode step; pqcache runs the plain-torch reference path)")
+        rows[label] = dict(answer=text, found=found, ms_per_token=step * 1e3, attention_ms_per_token=attn * 1e3)
+        print(f"{label:16}{text[:34]!r:36}{'yes' if found else 'no':>6}{step * 1e3:10.1f}{attn * 1e3:11.1f}")
+    path = "native C kernels" if dev.type == "cpu" and native.library() is not None else (
+        "Triton kernels" if dev.type == "cuda" else "plain-torch reference (no C compiler)")
+    print(f"(ms/token: median decode step; attention: its time inside the {model.config.num_hidden_layers} "
+          f"attention layers, projections included{'' if dev.type == 'cpu' else ', CPU only'}; pqcache decodes "
+          f"through the {path})")
     return {"n_tokens": prompt.n_tokens, "passkey": prompt.passkey, "attended": attended, "prefill_s": prefill_s,
             "index_s": index_s, "kv_bytes": kv_bytes, "index_bytes": index_bytes, **rows}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pqflex.ops import reference
+from pqflex.ops import native, reference
 
 try:
     import triton
@@ -87,6 +87,23 @@ def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """``torch.ops.pqflex.pq_encode``: :func:`pqflex.ops.reference.pq_encode` on any device, Triton on CUDA."""
     _check(x, centroids)
     return reference.pq_encode(x, centroids)
+
+
+NATIVE_MAX_POINTS = 64  # beyond this many vectors per problem (prefill), the reference's matmuls are faster
+
+
+@pq_encode.register_kernel("cpu")
+def _pq_encode_cpu(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    _check(x, centroids)
+    # A decode step's new keys: one C pass instead of the chunked matmul. Non-finite keys keep the reference's
+    # arithmetic (its ||c||^2 - 2 x.c distances), so that their codes match it exactly.
+    codes = native.pq_encode(x, centroids) if encodes_natively(x, centroids) else None
+    return reference.pq_encode(x, centroids) if codes is None else codes
+
+
+def encodes_natively(x: torch.Tensor, centroids: torch.Tensor) -> bool:
+    """Whether :func:`pqflex.ops.native.pq_encode` serves these vectors (few of them, fp32, on the CPU)."""
+    return x.shape[-2] <= NATIVE_MAX_POINTS and centroids.dtype == torch.float32 and native.usable(x, centroids)
 
 
 @pq_encode.register_kernel("cuda")

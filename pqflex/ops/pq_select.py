@@ -57,7 +57,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from pqflex.ops import reference
+from pqflex.ops import native, reference
 
 try:
     import triton
@@ -575,4 +575,6 @@ def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi:
 @pq_select.register_kernel("cpu")
 def _pq_select_cpu(ip_table, codes, lo, hi, topk, k_max, scale):
     _check(ip_table, codes, lo, hi, topk, k_max)
+    if native.usable(ip_table):  # one pass in C (fp32 tables, which compute_ip_table gives)
+        return native.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)
     return reference.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)

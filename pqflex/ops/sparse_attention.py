@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from pqflex.ops import reference
+from pqflex.ops import native, reference
 
 try:
     import triton
@@ -253,4 +253,6 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 @sparse_decode_attention.register_kernel("cpu")
 def _sparse_decode_attention_cpu(query, key, value, idx, valid, scale):
     _check(query, key, value, idx, valid, scale)
+    if native.usable(query):  # fp32: read the listed rows by index in C
+        return native.sparse_decode_attention(query, key, value, idx, valid, scale)
     return reference.sparse_decode_attention(query, key, value, idx, valid, scale)

@@ -1,0 +1,434 @@
+/* Native CPU kernels of pqflex's decode step (fp32), loaded through ctypes by pqflex/ops/native.py.
+ *
+ * Same math as pqflex/ops/reference.py, in one pass each instead of a chain of tensor ops:
+ *   pq_select_f32          ADC scores from the codes, PQCache's GQA rule, exact top-k (ties to the later token)
+ *   sparse_attention_f32   attention of the G query heads of a KV head over the listed rows, read by index
+ *   pq_encode_f32          nearest centroid of each sub-vector (ties to the lowest index)
+ * Strides are in elements; the last dimension of every tensor is contiguous. No allocation escapes a call and
+ * no state is kept, so calls from several threads are safe.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define EXPORT __attribute__((visibility("default")))
+#define TILE 8
+
+/* Dot product with eight independent partial sums, so the compiler vectorizes it without -ffast-math. */
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* exp(v) for v <= 0 by a Cephes-style polynomial: about 1 ulp; exactly 0 below -87.3, where expf underflows; NaN
+ * stays NaN. The same arithmetic on four lanes (SSE2, every x86-64) or one. */
+#define EXP_C1 0.693359375f
+#define EXP_C2 -2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_MIN -87.3f
+
+static float exp_neg(float v) {
+    float u = v * EXP_LOG2E + 0.5f, f = (float)(int32_t)u;
+    f -= f > u ? 1.0f : 0.0f;  /* floor */
+    float r = v - f * EXP_C1 - f * EXP_C2, z = r * r;
+    float y = ((((EXP_P0 * r + EXP_P1) * r + EXP_P2) * r + EXP_P3) * r + EXP_P4) * r + EXP_P5;
+    union { uint32_t i; float f; } two_n = {((uint32_t)(int32_t)f + 127u) << 23};
+    return v < EXP_MIN ? 0.0f : (y * z + r + 1.0f) * two_n.f;
+}
+
+#ifdef __SSE2__
+#include <emmintrin.h>
+static __m128 exp_neg4(__m128 v) {
+    __m128 u = _mm_add_ps(_mm_mul_ps(v, _mm_set1_ps(EXP_LOG2E)), _mm_set1_ps(0.5f));
+    __m128 f = _mm_cvtepi32_ps(_mm_cvttps_epi32(u));
+    f = _mm_sub_ps(f, _mm_and_ps(_mm_cmpgt_ps(f, u), _mm_set1_ps(1.0f)));  /* floor */
+    __m128 r = _mm_sub_ps(_mm_sub_ps(v, _mm_mul_ps(f, _mm_set1_ps(EXP_C1))), _mm_mul_ps(f, _mm_set1_ps(EXP_C2)));
+    __m128 z = _mm_mul_ps(r, r), y = _mm_set1_ps(EXP_P0);
+    y = _mm_add_ps(_mm_mul_ps(y, r), _mm_set1_ps(EXP_P1));
+    y = _mm_add_ps(_mm_mul_ps(y, r), _mm_set1_ps(EXP_P2));
+    y = _mm_add_ps(_mm_mul_ps(y, r), _mm_set1_ps(EXP_P3));
+    y = _mm_add_ps(_mm_mul_ps(y, r), _mm_set1_ps(EXP_P4));
+    y = _mm_add_ps(_mm_mul_ps(y, r), _mm_set1_ps(EXP_P5));
+    y = _mm_add_ps(_mm_add_ps(_mm_mul_ps(y, z), r), _mm_set1_ps(1.0f));
+    __m128i n = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(f), _mm_set1_epi32(127)), 23);
+    y = _mm_mul_ps(y, _mm_castsi128_ps(n));
+    return _mm_andnot_ps(_mm_cmplt_ps(v, _mm_set1_ps(EXP_MIN)), y);  /* NaN compares false: stays NaN */
+}
+#endif
+
+/* The largest of x[0..n) that is not NaN (-inf if none). */
+static float max_of(const float *x, int64_t n) {
+    float mx = -INFINITY;
+    int64_t i = 0;
+#ifdef __SSE2__
+    __m128 acc = _mm_set1_ps(-INFINITY);
+    for (; i + 4 <= n; i += 4) acc = _mm_max_ps(_mm_loadu_ps(x + i), acc);  /* NaN lanes keep acc */
+    float lanes[4];
+    _mm_storeu_ps(lanes, acc);
+    for (int j = 0; j < 4; j++) mx = lanes[j] > mx ? lanes[j] : mx;
+#endif
+    for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    return mx;
+}
+
+/* agg[i] += e[i] * inv, a NaN product counting as 0 (as the reference's nan_to_num). */
+static void add_probs(float *agg, const float *e, int64_t n, float inv) {
+    int64_t i = 0;
+#ifdef __SSE2__
+    __m128 s = _mm_set1_ps(inv);
+    for (; i + 4 <= n; i += 4) {
+        __m128 p = _mm_mul_ps(_mm_loadu_ps(e + i), s);
+        _mm_storeu_ps(agg + i, _mm_add_ps(_mm_loadu_ps(agg + i), _mm_and_ps(_mm_cmpord_ps(p, p), p)));
+    }
+#endif
+    for (; i < n; i++) {
+        float p = e[i] * inv;
+        agg[i] += p == p ? p : 0.0f;
+    }
+}
+
+/* x[i] = exp(x[i] - shift) for x[i] <= shift; returns their sum. */
+static float exp_shifted(float *x, int64_t n, float shift) {
+    int64_t i = 0;
+#ifdef __SSE2__
+    __m128 sh = _mm_set1_ps(shift), acc = _mm_setzero_ps();
+    for (; i + 4 <= n; i += 4) {
+        __m128 e = exp_neg4(_mm_sub_ps(_mm_loadu_ps(x + i), sh));
+        _mm_storeu_ps(x + i, e);
+        acc = _mm_add_ps(acc, e);
+    }
+    float lanes[4];
+    _mm_storeu_ps(lanes, acc);
+    float s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#else
+    float s = 0.0f;
+#endif
+    for (; i < n; i++) {
+        x[i] = exp_neg(x[i] - shift);
+        s += x[i];
+    }
+    return s;
+}
+
+/* Move the k largest of a[0..n) (distinct keys) to a[0..k), in no particular order: quickselect. */
+static void select_largest(uint64_t *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        uint64_t x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi];
+        uint64_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        int64_t i = lo, j = hi;
+        while (i <= j) {  /* descending: keys above the pivot go left */
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                uint64_t t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return;
+    }
+}
+
+static int descending(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x < y) - (x > y);
+}
+
+/* The k largest of the distinct keys a[0..n) to a[0..k), largest first. A histogram of the keys' top 11 bits (the
+ * exponent and 3 mantissa bits of the probability) finds the bin holding the k-th largest; the keys above it are
+ * taken whole, quickselect picks the rest among that bin's keys only, and the k winners are sorted. */
+static void top_keys(uint64_t *a, int64_t n, int64_t k) {
+    enum { BINS = 2048 };
+    int64_t hist[BINS] = {0};
+    if (k <= 0) return;
+    for (int64_t i = 0; i < n; i++) hist[a[i] >> 52]++;
+    int64_t bin = BINS - 1, above = 0;
+    while (above + hist[bin] < k) above += hist[bin--];
+    int64_t hi = 0, lo = above;  /* keys above the bin to a[0..above), the bin's keys from a[above] on */
+    for (int64_t i = 0; i < n; i++) {
+        int64_t kb = (int64_t)(a[i] >> 52);
+        if (kb > bin) {
+            uint64_t t = a[i];
+            a[i] = a[hi];
+            a[hi++] = t;
+        }
+    }
+    for (int64_t i = above; i < n; i++)
+        if ((int64_t)(a[i] >> 52) == bin) {
+            uint64_t t = a[i];
+            a[i] = a[lo];
+            a[lo++] = t;
+        }
+    select_largest(a + above, lo - above, k - above);
+    qsort(a, (size_t)k, sizeof(uint64_t), descending);
+}
+
+/* Scratch of one call, sized for N tokens, T listed rows and a G x M x ksub table. */
+typedef struct {
+    float *scores, *agg, *table, *logits;
+    uint64_t *keys;
+    int64_t *rows;
+} Scratch;
+
+static void scratch_free(Scratch *w) {
+    free(w->scores);
+    free(w->agg);
+    free(w->table);
+    free(w->logits);
+    free(w->keys);
+    free(w->rows);
+}
+
+static int scratch_alloc(Scratch *w, int64_t G, int64_t N, int64_t T, int64_t table) {
+    size_t n = (size_t)(N > 0 ? N : 1), t = (size_t)(T > 0 ? T : 1);
+    w->scores = malloc(sizeof(float) * (size_t)G * n);
+    w->agg = malloc(sizeof(float) * n);
+    w->keys = malloc(sizeof(uint64_t) * n);
+    w->table = malloc(sizeof(float) * (size_t)(table > 0 ? table : 1));
+    w->logits = malloc(sizeof(float) * (size_t)G * t);
+    w->rows = malloc(sizeof(int64_t) * t);
+    if (w->scores && w->agg && w->keys && w->table && w->logits && w->rows) return 0;
+    scratch_free(w);
+    return -1;
+}
+
+/* The k best of the `count` candidate tokens first..first+count-1 of one KV head, best first (ties to the later
+ * token), into sel[0..k): scaled ADC scores of each of the G query heads from table [G, M, ksub], a softmax over the
+ * candidates per head, summed over the heads (PQCache's GQA rule). */
+static void select_head(const float *table, const uint8_t *codes, int64_t csn, int64_t first, int64_t count,
+                        int64_t k, int64_t G, int64_t M, int64_t ksub, float scale, Scratch *w, int64_t *sel) {
+    float *scores = w->scores, *agg = w->agg;
+    uint64_t *keys = w->keys;
+    /* TILE tokens at a time: a token's sum runs over m = 0..M-1 in order, and the TILE sums are independent, so
+     * the additions pipeline. */
+    for (int64_t t0 = 0; t0 < count; t0 += TILE) {
+        int64_t nt = count - t0 < TILE ? count - t0 : TILE;
+        const uint8_t *c = codes + (first + t0) * csn;
+        for (int64_t g = 0; g < G; g++) {
+            const float *tg = table + g * M * ksub;
+            float acc[TILE] = {0};
+            if (nt == TILE)
+                for (int64_t m = 0; m < M; m++)
+                    for (int i = 0; i < TILE; i++) acc[i] += tg[m * ksub + c[i * csn + m]];
+            else
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t i = 0; i < nt; i++) acc[i] += tg[m * ksub + c[i * csn + m]];
+            for (int64_t i = 0; i < nt; i++) scores[g * count + t0 + i] = acc[i] * scale;
+        }
+    }
+    for (int64_t t = 0; t < count; t++) agg[t] = 0.0f;
+    for (int64_t g = 0; g < G; g++) {
+        float *e = scores + g * count;
+        float sum = exp_shifted(e, count, max_of(e, count));
+        add_probs(agg, e, count, 1.0f / sum);
+    }
+    /* Key = float bits of the (non-negative) probability, then the position: ordering the keys orders the tokens
+     * by probability, ties to the later token. */
+    for (int64_t t = 0; t < count; t++) {
+        union { float f; uint32_t u; } v = {agg[t]};
+        keys[t] = ((uint64_t)v.u << 32) | (uint64_t)(first + t);
+    }
+    top_keys(keys, count, k);
+    for (int64_t j = 0; j < k; j++) sel[j] = (int64_t)(keys[j] & 0xffffffffu);
+}
+
+/* out[g] = softmax(scale * q_g . K[rows]) V[rows] for the G query heads q (rows qs apart) of one KV head; a head
+ * with no rows gets zeros, NaN probabilities count as 0 (the reference's nan_to_num). */
+static void attend_head(const float *q, int64_t qs, const float *key, int64_t ksn, const float *value, int64_t vsn,
+                        const int64_t *rows, int64_t n, int64_t G, int64_t D, float scale, float *logits,
+                        float *out) {
+    for (int64_t t = 0; t < n; t++)  /* ask for every listed row up front: their cache misses overlap */
+        for (int64_t d = 0; d < D; d += 16) {
+            __builtin_prefetch(key + rows[t] * ksn + d);
+            __builtin_prefetch(value + rows[t] * vsn + d);
+        }
+    for (int64_t t = 0; t < n; t++) {  /* each key row is read once for the G query heads */
+        const float *kr = key + rows[t] * ksn;
+        for (int64_t g = 0; g < G; g++) logits[g * n + t] = dot(q + g * qs, kr, D) * scale;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float *l = logits + g * n;
+        float inv = n > 0 ? 1.0f / exp_shifted(l, n, max_of(l, n)) : 0.0f;
+        for (int64_t t = 0; t < n; t++) {
+            float p = l[t] * inv;
+            l[t] = p == p ? p : 0.0f;
+        }
+        for (int64_t d = 0; d < D; d++) out[g * D + d] = 0.0f;
+    }
+    for (int64_t t = 0; t < n; t++) {  /* each value row is read once too */
+        const float *vr = value + rows[t] * vsn;
+        for (int64_t g = 0; g < G; g++) {
+            float p = logits[g * n + t], *o = out + g * D;
+            for (int64_t d = 0; d < D; d++) o[d] += p * vr[d];
+        }
+    }
+}
+
+/* ip_table [B, Hkv, G, M, ksub] contiguous; codes [B, Hkv, N, M] with strides (csb, csh, csn);
+ * lo, hi, topk [B]; out [B, Hkv, k_max] int32. Returns 0, or -1 when out of memory. */
+EXPORT int pq_select_f32(const float *ip_table, const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn,
+                         const int64_t *lo, const int64_t *hi, const int64_t *topk, int64_t B, int64_t Hkv,
+                         int64_t G, int64_t M, int64_t ksub, int64_t N, int64_t k_max, float scale, int32_t *out) {
+    Scratch w;
+    if (scratch_alloc(&w, G, N, k_max, 0)) return -1;
+    for (int64_t b = 0; b < B; b++) {
+        int64_t first = lo[b] < 0 ? 0 : lo[b], last = hi[b] > N ? N : hi[b];
+        int64_t count = last > first ? last - first : 0;
+        int64_t k = topk[b] < k_max ? topk[b] : k_max;
+        k = k > count ? count : (k < 0 ? 0 : k);
+        for (int64_t h = 0; h < Hkv; h++) {
+            int32_t *dst = out + (b * Hkv + h) * k_max;
+            select_head(ip_table + (b * Hkv + h) * G * M * ksub, codes + b * csb + h * csh, csn, first, count, k, G,
+                        M, ksub, scale, &w, w.rows);
+            for (int64_t j = 0; j < k_max; j++) dst[j] = j < k ? (int32_t)w.rows[j] : -1;
+        }
+    }
+    scratch_free(&w);
+    return 0;
+}
+
+/* query [B, H, D] with strides (qsb, qsh); key, value [B, Hkv, C, D] with strides (ksb, ksh, ksn) and (vsb, vsh,
+ * vsn); idx [B, Hkv, T] contiguous; valid [B, Hkv, T] or NULL; out [B, H, D] contiguous. Returns 0 or -1. */
+EXPORT int sparse_attention_f32(const float *query, int64_t qsb, int64_t qsh, const float *key, int64_t ksb,
+                                int64_t ksh, int64_t ksn, const float *value, int64_t vsb, int64_t vsh, int64_t vsn,
+                                const int64_t *idx, const uint8_t *valid, int64_t B, int64_t Hkv, int64_t G,
+                                int64_t T, int64_t D, float scale, float *out) {
+    Scratch w;
+    if (scratch_alloc(&w, G, 0, T, 0)) return -1;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t *ib = idx + (b * Hkv + h) * T;
+            const uint8_t *vb = valid ? valid + (b * Hkv + h) * T : NULL;
+            int64_t n = 0;
+            for (int64_t t = 0; t < T; t++)
+                if (!vb || vb[t]) w.rows[n++] = ib[t];
+            attend_head(query + b * qsb + h * G * qsh, qsh, key + b * ksb + h * ksh, ksn, value + b * vsb + h * vsh,
+                        vsn, w.rows, n, G, D, scale, w.logits, out + (b * Hkv + h) * G * D);
+        }
+    scratch_free(&w);
+    return 0;
+}
+
+/* Code of one vector v [M * dsub] against centroids [M, ksub, dsub]: the nearest centroid of each sub-vector
+ * (ties to the lowest index). Returns 1, writing nothing, if v holds a non-finite value. */
+static int encode_one(const float *v, const float *centroids, int64_t M, int64_t ksub, int64_t dsub, uint8_t *code) {
+    for (int64_t d = 0; d < M * dsub; d++)
+        if (!isfinite(v[d])) return 1;
+    for (int64_t m = 0; m < M; m++) {
+        const float *x = v + m * dsub, *c = centroids + m * ksub * dsub;
+        float best = INFINITY;
+        int64_t arg = 0;
+        for (int64_t j = 0; j < ksub; j++) {
+            float d2 = 0.0f;
+            for (int64_t d = 0; d < dsub; d++) {
+                float e = x[d] - c[j * dsub + d];
+                d2 += e * e;
+            }
+            if (d2 < best) {
+                best = d2;
+                arg = j;
+            }
+        }
+        code[m] = (uint8_t)arg;
+    }
+    return 0;
+}
+
+/* One pass over a KV head's centroids [M, ksub, dsub]: the table [G, M, ksub] of q_g . centroid for the G query
+ * heads (rows qs apart), and the code of the new key v (as encode_one). Returns 1, leaving code unwritten, if v
+ * holds a non-finite value. */
+static int table_and_code(const float *q, int64_t qs, const float *v, const float *centroids, int64_t G, int64_t M,
+                          int64_t ksub, int64_t dsub, float *table, uint8_t *code) {
+    int bad = 0;
+    for (int64_t d = 0; d < M * dsub; d++) bad |= !isfinite(v[d]);
+    for (int64_t m = 0; m < M; m++) {
+        const float *x = v + m * dsub;
+        float best = INFINITY;
+        int64_t arg = 0;
+        for (int64_t c = 0; c < ksub; c++) {
+            const float *cc = centroids + (m * ksub + c) * dsub;
+            for (int64_t g = 0; g < G; g++) table[(g * M + m) * ksub + c] = dot(q + g * qs + m * dsub, cc, dsub);
+            float d2 = 0.0f;
+            for (int64_t d = 0; d < dsub; d++) {
+                float e = x[d] - cc[d];
+                d2 += e * e;
+            }
+            if (d2 < best) {
+                best = d2;
+                arg = c;
+            }
+        }
+        if (!bad) code[m] = (uint8_t)arg;
+    }
+    return bad;
+}
+
+/* One decode step of the query at position n - 1, as PQIndex.step with the reference ops: per KV head the table
+ * q_g . centroids, the top-k middle tokens of [start + sink, n - recent), then attention over the sink
+ * [start, start + sink), the selected tokens (best first) and the recent window [max(n - recent, start + sink), n).
+ * The newest key (row n - 1, always in the recent window) is encoded on the way, while its centroids are in the
+ * cache, into new_codes [B, Hkv, M] (strides nsb, nsh).
+ * query [B, H, D] strides (qsb, qsh); key/value as sparse_attention_f32; centroids [B, Hkv, M, ksub, dsub]
+ * contiguous; codes [B, Hkv, >= n - 1, M] strides (csb, csh, csn); start, sink, recent, topk [B]; out [B, H, D].
+ * Returns 0; 1 if the newest key holds a non-finite value (its code is left to the caller); -1 out of memory. */
+EXPORT int decode_step_f32(const float *query, int64_t qsb, int64_t qsh, const float *key, int64_t ksb, int64_t ksh,
+                           int64_t ksn, const float *value, int64_t vsb, int64_t vsh, int64_t vsn,
+                           const float *centroids, const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn,
+                           const int64_t *start, const int64_t *sink, const int64_t *recent, const int64_t *topk,
+                           int64_t B, int64_t Hkv, int64_t G, int64_t M, int64_t ksub, int64_t dsub, int64_t n,
+                           int64_t k_max, float scale, uint8_t *new_codes, int64_t nsb, int64_t nsh, float *out) {
+    int64_t D = M * dsub;
+    int rc = 0;
+    Scratch w;
+    if (scratch_alloc(&w, G, n, n, G * M * ksub)) return -1;
+    for (int64_t b = 0; b < B; b++) {
+        int64_t s0 = start[b], s1 = s0 + sink[b] < n ? s0 + sink[b] : n;
+        int64_t r0 = n - recent[b] > s1 ? n - recent[b] : s1;
+        int64_t count = r0 - s1 > 0 ? r0 - s1 : 0;
+        int64_t k = topk[b] < k_max ? topk[b] : k_max;
+        k = k > count ? count : (k < 0 ? 0 : k);
+        for (int64_t h = 0; h < Hkv; h++) {
+            const float *q = query + b * qsb + h * G * qsh, *kbh = key + b * ksb + h * ksh;
+            const float *cent = centroids + (b * Hkv + h) * M * ksub * dsub;
+            rc |= table_and_code(q, qsh, kbh + (n - 1) * ksn, cent, G, M, ksub, dsub, w.table,
+                                 new_codes + b * nsb + h * nsh);
+            int64_t len = 0;
+            for (int64_t p = s0; p < s1; p++) w.rows[len++] = p;
+            select_head(w.table, codes + b * csb + h * csh, csn, s1, count, k, G, M, ksub, scale, &w, w.rows + len);
+            len += k;
+            for (int64_t p = r0; p < n; p++) w.rows[len++] = p;
+            attend_head(q, qsh, kbh, ksn, value + b * vsb + h * vsh, vsn, w.rows, len, G, D, scale, w.logits,
+                        out + (b * Hkv + h) * G * D);
+        }
+    }
+    scratch_free(&w);
+    return rc;
+}
+
+/* x [L, N, M * dsub] with strides (xsl, xsn); centroids [L, M, ksub, dsub] contiguous; out [L, N, M] uint8.
+ * Returns 1, leaving out incomplete, if x holds a non-finite value (the caller then runs the reference, whose
+ * ||c||^2 - 2 x.c arithmetic decides those codes), else 0. */
+EXPORT int pq_encode_f32(const float *x, int64_t xsl, int64_t xsn, const float *centroids, int64_t L, int64_t N,
+                         int64_t M, int64_t ksub, int64_t dsub, uint8_t *out) {
+    for (int64_t l = 0; l < L; l++)
+        for (int64_t i = 0; i < N; i++)
+            if (encode_one(x + l * xsl + i * xsn, centroids + l * M * ksub * dsub, M, ksub, dsub, out + (l * N + i) * M))
+                return 1;
+    return 0;
+}

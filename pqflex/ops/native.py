@@ -1,0 +1,181 @@
+"""Native CPU kernels of the decode step: ``cpu_kernels.c`` compiled on first use and called through ctypes.
+
+On the CPU a decode step through the plain-torch reference is a chain of small tensor ops (ADC scores of every
+head, a softmax, a sort-free top-k, a gather, attention), and their per-op overhead makes it slower than dense
+attention at the contexts a CPU runs. The C kernels do each op in one pass (fp32 only). They are built with the
+system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into ``$PQFLEX_CACHE_DIR`` (default
+``~/.cache/pqflex``), once per source version, and loaded with ctypes: no torch headers, about a second to build.
+
+Where no compiler is found or the build fails, :func:`library` returns None, one warning says why, and the ops
+run the reference. ``PQFLEX_NATIVE=0`` turns the kernels off. The kernels are checked against the reference in
+``tests/test_native.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-fvisibility=hidden")
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+def cache_dir() -> Path:
+    """Where the built library is kept: ``$PQFLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/pqflex`` or ``~/.cache/pqflex``."""
+    if os.environ.get("PQFLEX_CACHE_DIR"):
+        return Path(os.environ["PQFLEX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pqflex"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: safe when concurrent
+        out = Path(tmp) / target.name
+        cmd = [compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[-500:]}")
+        os.replace(out, target)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.pq_select_f32.restype = ctypes.c_int
+    lib.pq_select_f32.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr] + [_i64] * 7 + [_f32, _ptr]
+    lib.sparse_attention_f32.restype = ctypes.c_int
+    lib.sparse_attention_f32.argtypes = ([_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr,
+                                          _ptr] + [_i64] * 5 + [_f32, _ptr])
+    lib.decode_step_f32.restype = ctypes.c_int
+    lib.decode_step_f32.argtypes = ([_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr,
+                                     _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr] + [_i64] * 8 + [_f32, _ptr, _i64, _i64, _ptr])
+    lib.pq_encode_f32.restype = ctypes.c_int
+    lib.pq_encode_f32.argtypes = [_ptr, _i64, _i64, _ptr] + [_i64] * 5 + [_ptr]
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built first if needed; None (after one warning) where they cannot be had."""
+    if os.environ.get("PQFLEX_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn("pqflex: no C compiler found (set CC); CPU decode runs the slower plain-torch reference",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    target = cache_dir() / f"cpu_kernels-{platform.machine()}-{digest}{suffix}"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        return _declare(ctypes.CDLL(str(target)))
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"pqflex: the native CPU kernels are unavailable ({err}); CPU decode runs the slower "
+                      "plain-torch reference", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def _p(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _rowwise(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension is contiguous, else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels serve these tensors: CPU, fp32 where floating, and the library loaded."""
+    return (all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors)
+            and library() is not None)
+
+
+def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, topk: torch.Tensor,
+              k_max: int, scale: float) -> torch.Tensor:
+    """:func:`pqflex.ops.reference.pq_select` in one pass (fp32 ``ip_table``; checked by the caller)."""
+    B, Hkv, G, M, ksub = ip_table.shape
+    table = ip_table.contiguous()
+    codes = _rowwise(codes)
+    lo, hi, topk = (t.to(torch.int64).contiguous() for t in (lo, hi, topk))
+    out = torch.empty(B, Hkv, k_max, dtype=torch.int32)
+    rc = library().pq_select_f32(_p(table), _p(codes), *codes.stride()[:3], _p(lo), _p(hi), _p(topk), B, Hkv, G, M,
+                                 ksub, codes.shape[2], k_max, scale, _p(out))
+    if rc != 0:
+        raise MemoryError(f"pq_select: out of memory for {codes.shape[2]} tokens")
+    return out
+
+
+def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
+                            valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """:func:`pqflex.ops.reference.sparse_decode_attention` by index, no gathered copy (fp32; checked by the
+    caller)."""
+    B, H, _, D = query.shape
+    _, Hkv, T = idx.shape
+    query, key, value = _rowwise(query), _rowwise(key), _rowwise(value)
+    idx = idx.to(torch.int64).contiguous()
+    valid = None if valid is None else valid.contiguous()  # bool: one byte per slot
+    out = torch.empty(B, H, 1, D, dtype=torch.float32)
+    rc = library().sparse_attention_f32(_p(query), query.stride(0), query.stride(1), _p(key), *key.stride()[:3],
+                                        _p(value), *value.stride()[:3], _p(idx), None if valid is None else _p(valid), B, Hkv, H // Hkv, T, D,
+                                        scale, _p(out))
+    if rc != 0:
+        raise MemoryError(f"sparse_decode_attention: out of memory for {T} tokens")
+    return out
+
+
+def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, centroids: torch.Tensor,
+                codes: torch.Tensor, start: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor, topk: torch.Tensor,
+                n: int, k_max: int, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decode step of :class:`pqflex.PQIndex` (token selection, PQ scores) in one pass, fp32.
+
+    The same math as ``PQIndex.step`` through the ops: the table of ``q . centroids``, :func:`pq_select` over
+    ``[start + sink, n - recent)``, attention over sink + selected + recent; and the code of the newest key (row
+    ``n - 1``, never a candidate) as ``pq_encode`` gives it. ``query [B, H, 1, D]``, ``key``/``value [B, Hkv,
+    C >= n, D]``, ``centroids [B, Hkv, M, ksub, dsub]``, ``codes [B, Hkv, >= n - 1, M]``, ``start``/``sink``/
+    ``recent``/``topk`` ``[B]``.
+
+    Returns:
+        attention ``[B, H, 1, D]`` fp32 and the newest key's codes ``[B, Hkv, 1, M]`` uint8 (None if that key holds
+        a non-finite value: the reference's arithmetic decides its code).
+    """
+    B, H, _, D = query.shape
+    Hkv, M, ksub, dsub = centroids.shape[1:]
+    query, key, value, codes = _rowwise(query), _rowwise(key), _rowwise(value), _rowwise(codes)
+    centroids = centroids.contiguous()
+    start, sink, recent, topk = (t.to(torch.int64).contiguous() for t in (start, sink, recent, topk))
+    out = torch.empty(B, H, 1, D, dtype=torch.float32)
+    new = torch.empty(B, Hkv, 1, M, dtype=torch.uint8)
+    rc = library().decode_step_f32(_p(query), query.stride(0), query.stride(1), _p(key), *key.stride()[:3],
+                                   _p(value), *value.stride()[:3], _p(centroids), _p(codes), *codes.stride()[:3],
+                                   _p(start), _p(sink), _p(recent), _p(topk), B, Hkv, H // Hkv, M, ksub, dsub, n,
+                                   k_max, scale, _p(new), new.stride(0), new.stride(1), _p(out))
+    if rc < 0:
+        raise MemoryError(f"decode_step: out of memory for {n} tokens")
+    return out, None if rc else new
+
+
+def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:
+    """:func:`pqflex.ops.reference.pq_encode` of fp32 ``x`` (distances as ``sum (x - c)^2``); None if ``x`` holds
+    a non-finite value (whose codes the reference's arithmetic decides)."""
+    L, N, _ = x.shape
+    M, ksub, dsub = centroids.shape[1:]
+    x, centroids = _rowwise(x), centroids.contiguous()
+    out = torch.empty(L, N, M, dtype=torch.uint8)
+    bad = library().pq_encode_f32(_p(x), x.stride(0), x.stride(1), _p(centroids), L, N, M, ksub, dsub, _p(out))
+    return None if bad else out

@@ -1,0 +1,164 @@
+"""The native CPU kernels (pqflex/ops/cpu_kernels.c through ctypes) against the plain-torch reference."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from pqflex import PQConfig
+from pqflex.index import PQIndex
+from pqflex.layer import PQLayer
+from pqflex.ops import native, reference
+from tests.helpers import clustered_keys
+from tests.test_pq_select import agg_scores, assert_same_selection, make_inputs
+from tests.test_sparse_attention import make_inputs as attention_inputs
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the reference serves the CPU")
+
+
+def test_the_library_builds_where_a_compiler_exists():
+    """CI has a C compiler: the kernels must build there, not silently fall back."""
+    if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):
+        assert native.library() is not None
+
+
+def test_switch_and_a_failed_build_fall_back_with_one_warning(monkeypatch, tmp_path):
+    native.library.cache_clear()
+    try:
+        monkeypatch.setenv("PQFLEX_NATIVE", "0")
+        assert native.library() is None and not native.usable(torch.zeros(1))
+        native.library.cache_clear()
+        monkeypatch.delenv("PQFLEX_NATIVE")
+        monkeypatch.setenv("PQFLEX_CACHE_DIR", str(tmp_path))
+        monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+        with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable.*plain-torch reference"):
+            assert native.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.library() is None  # cached: no second warning
+    finally:
+        native.library.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("B,Hkv,G,M,nbits,N,frac", [
+    (1, 2, 4, 8, 8, 1000, 0.1),
+    (3, 1, 1, 1, 8, 777, 0.05),
+    (2, 3, 3, 4, 4, 333, 1.0),
+    (1, 2, 8, 16, 6, 2049, 0.2),
+    (2, 1, 3, 6, 8, 300, 0.3),
+    (1, 1, 4, 2, 6, 5, 0.5),  # fewer tokens than a tile
+])
+def test_pq_select_matches_reference(B, Hkv, G, M, nbits, N, frac):
+    args = make_inputs(B, Hkv, G, M, nbits, N, frac, device="cpu")
+    out = native.pq_select(*args)
+    assert_same_selection(out, reference.pq_select(*args), agg_scores(*args[:4], args[6]))
+    assert torch.equal(torch.ops.pqflex.pq_select(*args), out)  # the op's CPU kernel
+
+
+@needs_native
+@pytest.mark.parametrize("distinct", [1, 3])
+def test_pq_select_exact_ties_go_to_the_later_token(distinct):
+    """Few distinct codes: exact ties everywhere, broken like the reference (later token first)."""
+    args = make_inputs(3, 2, 4, 4, 6, 700, 0.3, distinct=distinct, device="cpu")
+    assert torch.equal(native.pq_select(*args), reference.pq_select(*args))
+
+
+@needs_native
+def test_pq_select_edge_rows_and_integer_scores_equal_the_reference_exactly():
+    """topk 0, topk above the candidates, no candidates; integer tables: no near-ties, so equal to the slot."""
+    args = make_inputs(3, 2, 4, 2, 6, 400, 0.2, edge_rows=True, device="cpu")
+    args[0] = args[0].mul(4).round()
+    assert torch.equal(native.pq_select(*args), reference.pq_select(*args))
+
+
+@needs_native
+@pytest.mark.parametrize("G,T,masked", [(1, 1, True), (4, 57, True), (2, 200, False), (16, 90, True)])
+def test_sparse_attention_matches_reference(G, T, masked):
+    q, k, v, idx, valid = attention_inputs(3, 2, G, 64, 250, T, device="cpu")
+    valid = valid if masked else None
+    out = native.sparse_decode_attention(q, k, v, idx, valid, 0.3)
+    torch.testing.assert_close(out, reference.sparse_decode_attention(q, k, v, idx, valid, 0.3), atol=2e-6,
+                               rtol=1e-5)
+    if masked:
+        assert (out[-1, :G] == 0).all()  # a list with no valid token attends nothing
+    assert torch.equal(torch.ops.pqflex.sparse_decode_attention(q, k, v, idx.int(), valid, 0.3), out)
+
+
+@needs_native
+def test_sparse_attention_nan_key_matches_reference():
+    q, k, v, idx, valid = attention_inputs(2, 2, 3, 16, 60, 20, device="cpu")
+    k[0, 1, idx[0, 1, 0]] = float("nan")
+    out = native.sparse_decode_attention(q, k, v, idx, valid, 0.5)
+    torch.testing.assert_close(out, reference.sparse_decode_attention(q, k, v, idx, valid, 0.5), equal_nan=True)
+
+
+@needs_native
+def test_pq_encode_matches_reference_and_leaves_non_finite_keys_to_it():
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(4, 7, 64, generator=g), torch.randn(4, 8, 256, 8, generator=g)
+    assert torch.equal(native.pq_encode(x, c), reference.pq_encode(x, c))
+    x[1, 3, 5] = float("inf")
+    assert native.pq_encode(x, c) is None
+    assert torch.equal(torch.ops.pqflex.pq_encode(x, c), reference.pq_encode(x, c))
+
+
+def _index_pair(B, N, budget, capacity=None, start=None):
+    """Two identical indexes of clustered keys (one for each path), their K/V and a query."""
+    g = torch.Generator().manual_seed(N)
+    Hkv, G, D = 2, 3, 32
+    k = clustered_keys(B, Hkv, N + 1, D, generator=g)
+    v = torch.randn(B, Hkv, N + 1, D, generator=g)
+    q = torch.randn(B, 1, Hkv * G, D, generator=g).transpose(1, 2)
+    mask = None
+    if start is not None:
+        mask = torch.arange(N)[None, :] >= torch.tensor(start)[:, None]
+    cfg = PQConfig(M=4, nbits=6, niter=3, budget=budget, sink_size=4, min_context=64)
+    idx = [PQIndex.build(k[:, :, :N], cfg, mask, capacity) for _ in range(2)]
+    if capacity is not None:
+        k, v = (torch.cat([t, t.new_zeros(B, Hkv, capacity - N - 1, D)], dim=2) for t in (k, v))
+    return idx, q, k, v, D ** -0.5
+
+
+@needs_native
+@pytest.mark.parametrize("capacity", [None, 700])
+@pytest.mark.parametrize("start", [None, [0, 37]])
+def test_decode_step_equals_the_op_path(monkeypatch, capacity, start):
+    """One C pass (encode the new key, select, attend) == store/append + PQIndex.step through the ops."""
+    (fast, slow), q, k, v, scale = _index_pair(2, 600, 0.1, capacity, start)
+    out = fast.decode(q, k, v, 601, scale)
+    monkeypatch.setattr(native, "usable", lambda *t: False)
+    want = slow.decode(q, k, v, 601, scale)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+    assert torch.equal(fast.codes, slow.codes)
+    assert fast.codes.shape[2] == (capacity or 601)
+
+
+@needs_native
+def test_decode_step_of_a_non_finite_key_encodes_it_like_the_reference(monkeypatch):
+    (fast, slow), q, k, v, scale = _index_pair(1, 300, 0.2)
+    k[0, 1, 300, 3] = float("inf")
+    fast.decode(q, k, v, 301, scale)
+    monkeypatch.setattr(native, "usable", lambda *t: False)
+    slow.decode(q, k, v, 301, scale)
+    assert torch.equal(fast.codes, slow.codes)
+
+
+@needs_native
+def test_a_long_cpu_generation_equals_the_reference_path(monkeypatch):
+    """Thirty steps of a layer runtime: the native path keeps selecting and attending what the ops do."""
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, G, D, N = 1, 2, 2, 32, 500
+    k, v = clustered_keys(B, Hkv, N + 30, D, generator=g), torch.randn(B, Hkv, N + 30, D, generator=g)
+    qs = torch.randn(30, B, Hkv * G, 1, D, generator=g)
+    cfg = PQConfig(M=4, nbits=5, niter=3, budget=0.15, sink_size=4, min_context=64)
+    outs = []
+    for use in (True, False):
+        if not use:
+            monkeypatch.setattr(native, "usable", lambda *t: False)
+        layer = PQLayer(cfg)
+        layer.prefill(k[:, :, :N], v[:, :, :N])  # the prompt, indexed now
+        outs.append(torch.stack([layer.forward(qs[i], k[:, :, :N + i + 1], v[:, :, :N + i + 1])
+                                 for i in range(30)]))
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=1e-5)
