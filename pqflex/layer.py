@@ -209,12 +209,18 @@ class PQLayer:
         return query.shape[-1] ** -0.5 if scale is None else scale
 
 
+OVERLAP_GROUPS = 4  # a fixed-capacity cache on CUDA indexes its layers in this many groups during the prefill
+
+
 class PQCacheState:
     """The PQ state of one cache: a :class:`PQLayer` per layer, whose prompts are indexed together.
 
     Once the prompt is complete (the first decode step of a growing cache; the prefill forward of the last layer
     of a fixed-capacity one) every layer's prompt is indexed by one batched k-means
-    (:meth:`pqflex.PQIndex.build_layers`): a few launches per Lloyd iteration for the whole model.
+    (:meth:`pqflex.PQIndex.build_layers`): a few launches per Lloyd iteration for the whole model. A
+    fixed-capacity cache on CUDA indexes its layers in :data:`OVERLAP_GROUPS` groups instead, each on a side stream
+    as soon as its layers' prompt forwards are queued, so the k-means overlaps the rest of the prefill; the main
+    stream waits for the last group after the last layer.
 
     Args:
         capacity: tokens of each layer's fixed-capacity buffer; None for a growing cache.
@@ -226,6 +232,7 @@ class PQCacheState:
             raise ValueError("a fixed-capacity PQCacheState needs num_layers")
         self.capacity, self.num_layers = capacity, num_layers
         self.layers: dict[int, PQLayer] = {}
+        self._stream: torch.cuda.Stream | None = None
 
     def layer(self, layer_idx: int, config: PQConfig) -> PQLayer:
         """The runtime of layer ``layer_idx``, created with ``config`` on first use."""
@@ -242,12 +249,39 @@ class PQCacheState:
         if S == 1 and layer.index is None and not torch.compiler.is_compiling():
             self.build_pending()
         out = layer.forward(query, key, value, kv_mask, scale, n)
-        if self.capacity is not None and S > 1 and layer_idx == self.num_layers - 1 and not layer.decoding:
-            self.build_pending()
+        if self.capacity is not None and S > 1 and not layer.decoding:
+            last = layer_idx == self.num_layers - 1
+            group = -(-self.num_layers // OVERLAP_GROUPS)
+            if key.is_cuda and ((layer_idx + 1) % group == 0 or last):
+                self.build_pending(overlap=True)  # these layers' k-means runs beside the next layers' prefill
+                if last:  # whatever runs after the prompt forward waits for the last group
+                    torch.cuda.current_stream(key.device).wait_stream(self._side_stream(key.device))
+            elif last:
+                self.build_pending()
         return out
 
-    def build_pending(self) -> None:
-        """Index the recorded prompts of all layers, one batched k-means per (config, prompt) group."""
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def build_pending(self, overlap: bool = False) -> None:
+        """Index the recorded prompts of the layers not indexed yet, one batched k-means per (config, prompt) group.
+
+        ``overlap=True`` (CUDA): on a side stream that first waits for the work queued so far (these layers' keys),
+        so the build runs while the next layers prefill; the caller makes the main stream wait before the
+        indexes are read.
+        """
+        if overlap:
+            device = next((layer.prompt[0].device for layer in self.layers.values()
+                           if layer.index is None and layer.prompt is not None), None)
+            if device is None:
+                return
+            stream = self._side_stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self.build_pending()
+            return
         groups: dict[tuple, list[PQLayer]] = {}
         for layer in self.layers.values():
             if layer.index is None and layer.prompt is not None:

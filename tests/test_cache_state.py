@@ -212,3 +212,32 @@ def test_all_layers_indexed_by_one_batched_build(static):
 def _prompt_keys(cache, layer):
     i = next(i for i, runtime in cache.pq_state.layers.items() if runtime is layer)
     return cache.layers[i].keys[:, :, :layer.prompt_tokens]
+
+
+@pytest.mark.gpu
+def test_cuda_static_cache_builds_beside_the_prefill_and_equals_one_build(monkeypatch):
+    """On CUDA a fixed-capacity cache indexes its layers in groups on a side stream during the prefill: the same
+    indexes and tokens as one build after it (and as a growing cache's build at the first step)."""
+    from pqflex import layer as pq_layer
+
+    pq = make("llama").cuda()
+    pqflex.configure(pq, SPARSE)
+    ids = prompt(300, seed=13).cuda()
+    runs = {}
+    for groups in (1, 4):
+        monkeypatch.setattr(pq_layer, "OVERLAP_GROUPS", groups)
+        calls = []
+        original = pqflex.PQIndex.build_layers.__func__
+
+        def spy(cls, keys, *args, **kwargs):
+            calls.append((len(keys), torch.cuda.current_stream() != torch.cuda.default_stream()))
+            return original(cls, keys, *args, **kwargs)
+
+        cache = pqflex.PQStaticCache(pq, 320)
+        with mock.patch.object(pqflex.PQIndex, "build_layers", classmethod(spy)):
+            out = generate(pq, ids, n=6, **{CACHE_KW: cache}, disable_compile=True)
+        assert calls == ([(2, True)] if groups == 1 else [(1, True), (1, True)])  # side stream
+        runs[groups] = out, [layer.index.quantizer.centroids for layer in cache.pq_layers]
+    assert torch.equal(runs[1][0], runs[4][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[1][1], runs[4][1]))
+    assert torch.equal(generate(pq, ids, n=6, **{CACHE_KW: PQCache(pq)}), runs[4][0])

@@ -81,7 +81,9 @@ def lloyd(x: torch.Tensor, w: torch.Tensor, ksub: int, niter: int, seed: int, to
     L, N, dsub = x.shape
     n_valid = w.sum(-1)  # [L]
     gen = torch.Generator().manual_seed(seed)
-    r = torch.rand(ksub, generator=gen, dtype=torch.float64).to(x.device)
+    r = torch.rand(ksub, generator=gen, dtype=torch.float64)
+    # Pinned and asynchronous on CUDA: the host does not wait for the stream (a build overlapping the prefill).
+    r = r.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else r.to(x.device)
     frac = (torch.arange(ksub, device=x.device, dtype=torch.float64) + r) / ksub  # [ksub] in [0, 1)
     rank = (frac[None, :] * n_valid[:, None].double()).floor().long()  # [L, ksub]
     rank = torch.minimum(rank, (n_valid.long() - 1).clamp_min(0)[:, None])
