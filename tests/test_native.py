@@ -162,3 +162,17 @@ def test_a_long_cpu_generation_equals_the_reference_path(monkeypatch):
         outs.append(torch.stack([layer.forward(qs[i], k[:, :, :N + i + 1], v[:, :, :N + i + 1])
                                  for i in range(30)]))
     torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=1e-5)
+
+
+@needs_native
+def test_pq_select_ranks_subnormal_probabilities_like_the_reference():
+    """Scores far apart: most probabilities are subnormal (exp below -87), still ranked, not flushed to ties."""
+    args = make_inputs(2, 2, 3, 4, 6, 600, 0.9, device="cpu")  # deep into the tail
+    args[0] = args[0] * 150.0
+    out, ref = native.pq_select(*args), reference.pq_select(*args)
+    agg = agg_scores(*args[:4], args[6])
+    tiny = (agg > 0) & (agg < 1.1754944e-38)
+    assert tiny.sum() > 100  # the case is exercised
+    for row_out, row_ref, row_s in zip(out.flatten(0, 1), ref.flatten(0, 1), agg.flatten(0, 1)):
+        got, want = row_s[row_out[row_out >= 0].long()], row_s[row_ref[row_ref >= 0].long()]
+        torch.testing.assert_close(got.sort().values, want.sort().values, rtol=1e-3, atol=0)

@@ -25,8 +25,8 @@ static float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* exp(v) for v <= 0 by a Cephes-style polynomial: about 1 ulp; exactly 0 below -87.3, where expf underflows; NaN
- * stays NaN. The same arithmetic on four lanes (SSE2, every x86-64) or one. */
+/* exp(v) for v <= 0 by a Cephes-style polynomial, about 1 ulp; below -87.3 (subnormal results) and for NaN, libm's
+ * expf. The same arithmetic on four lanes (SSE2, every x86-64) or one. */
 #define EXP_C1 0.693359375f
 #define EXP_C2 -2.12194440e-4f
 #define EXP_P0 1.9875691500e-4f
@@ -39,12 +39,13 @@ static float dot(const float *a, const float *b, int64_t n) {
 #define EXP_MIN -87.3f
 
 static float exp_neg(float v) {
+    if (!(v >= EXP_MIN)) return expf(v);  /* NaN, or the subnormal range: libm (no out-of-range float -> int) */
     float u = v * EXP_LOG2E + 0.5f, f = (float)(int32_t)u;
     f -= f > u ? 1.0f : 0.0f;  /* floor */
     float r = v - f * EXP_C1 - f * EXP_C2, z = r * r;
     float y = ((((EXP_P0 * r + EXP_P1) * r + EXP_P2) * r + EXP_P3) * r + EXP_P4) * r + EXP_P5;
     union { uint32_t i; float f; } two_n = {((uint32_t)(int32_t)f + 127u) << 23};
-    return v < EXP_MIN ? 0.0f : (y * z + r + 1.0f) * two_n.f;
+    return (y * z + r + 1.0f) * two_n.f;
 }
 
 #ifdef __SSE2__
@@ -63,7 +64,7 @@ static __m128 exp_neg4(__m128 v) {
     y = _mm_add_ps(_mm_add_ps(_mm_mul_ps(y, z), r), _mm_set1_ps(1.0f));
     __m128i n = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(f), _mm_set1_epi32(127)), 23);
     y = _mm_mul_ps(y, _mm_castsi128_ps(n));
-    return _mm_andnot_ps(_mm_cmplt_ps(v, _mm_set1_ps(EXP_MIN)), y);  /* NaN compares false: stays NaN */
+    return y;  /* lanes below EXP_MIN are redone by the caller */
 }
 #endif
 
@@ -104,8 +105,14 @@ static float exp_shifted(float *x, int64_t n, float shift) {
 #ifdef __SSE2__
     __m128 sh = _mm_set1_ps(shift), acc = _mm_setzero_ps();
     for (; i + 4 <= n; i += 4) {
-        __m128 e = exp_neg4(_mm_sub_ps(_mm_loadu_ps(x + i), sh));
+        __m128 v = _mm_sub_ps(_mm_loadu_ps(x + i), sh), e = exp_neg4(v);
         _mm_storeu_ps(x + i, e);
+        if (_mm_movemask_ps(_mm_cmplt_ps(v, _mm_set1_ps(EXP_MIN)))) {  /* rare: subnormal results from libm */
+            float lanes[4];
+            _mm_storeu_ps(lanes, v);
+            for (int j = 0; j < 4; j++) x[i + j] = exp_neg(lanes[j]);
+            e = _mm_loadu_ps(x + i);
+        }
         acc = _mm_add_ps(acc, e);
     }
     float lanes[4];
