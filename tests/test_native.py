@@ -11,7 +11,7 @@ from pqflex.index import PQIndex
 from pqflex.layer import PQLayer
 from pqflex.ops import native, reference
 from tests.helpers import clustered_keys
-from tests.test_pq_select import agg_scores, assert_same_selection, make_inputs
+from tests.test_pq_select import agg_scores, check, make_inputs
 from tests.test_sparse_attention import make_inputs as attention_inputs
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the reference serves the CPU")
@@ -52,8 +52,7 @@ def test_switch_and_a_failed_build_fall_back_with_one_warning(monkeypatch, tmp_p
 ])
 def test_pq_select_matches_reference(B, Hkv, G, M, nbits, N, frac):
     args = make_inputs(B, Hkv, G, M, nbits, N, frac, device="cpu")
-    out = native.pq_select(*args)
-    assert_same_selection(out, reference.pq_select(*args), agg_scores(*args[:4], args[6]))
+    out = check(native.pq_select, args)
     assert torch.equal(torch.ops.pqflex.pq_select(*args), out)  # the op's CPU kernel
 
 
@@ -84,6 +83,22 @@ def test_sparse_attention_matches_reference(G, T, masked):
     if masked:
         assert (out[-1, :G] == 0).all()  # a list with no valid token attends nothing
     assert torch.equal(torch.ops.pqflex.sparse_decode_attention(q, k, v, idx.int(), valid, 0.3), out)
+
+
+@needs_native
+def test_out_of_range_indices_raise_instead_of_reading_past_the_buffers():
+    q, k, v, idx, valid = attention_inputs(1, 2, 3, 16, 60, 20, device="cpu")
+    idx[0, 1, 4] = 60
+    with pytest.raises(IndexError, match=r"outside \[0, 60\)"):
+        native.sparse_decode_attention(q, k, v, idx, valid, 0.5)
+    args = make_inputs(1, 2, 4, 2, 4, 100, 0.1, device="cpu")
+    args[1][0, 0, 3, 1] = 16
+    with pytest.raises(IndexError, match="out of range for ksub=16"):
+        native.pq_select(*args)
+    (index, _), q, k, v, scale = _index_pair(1, 300, 0.2)
+    with pytest.raises(ValueError, match="n=302 out of range"):
+        native.decode_step(q, k, v, index.quantizer.centroids, index.codes, index.start, index.sink, index.recent,
+                           index.topk, 302, index.k_max, scale)
 
 
 @needs_native

@@ -4,8 +4,9 @@
  *   pq_select_f32          ADC scores from the codes, PQCache's GQA rule, exact top-k (ties to the later token)
  *   sparse_attention_f32   attention of the G query heads of a KV head over the listed rows, read by index
  *   pq_encode_f32          nearest centroid of each sub-vector (ties to the lowest index)
- * Strides are in elements; the last dimension of every tensor is contiguous. No allocation escapes a call and
- * no state is kept, so calls from several threads are safe.
+ *   decode_step_f32        a whole decode step of PQIndex: the new key's code, the table, pq_select, attention
+ * Strides are in elements; the last dimension of every tensor is contiguous. Indices are trusted (native.py checks
+ * them). No allocation escapes a call and no state is kept, so calls from several threads are safe.
  */
 #include <math.h>
 #include <stdint.h>
@@ -435,7 +436,8 @@ EXPORT int pq_encode_f32(const float *x, int64_t xsl, int64_t xsn, const float *
                          int64_t M, int64_t ksub, int64_t dsub, uint8_t *out) {
     for (int64_t l = 0; l < L; l++)
         for (int64_t i = 0; i < N; i++)
-            if (encode_one(x + l * xsl + i * xsn, centroids + l * M * ksub * dsub, M, ksub, dsub, out + (l * N + i) * M))
+            if (encode_one(x + l * xsl + i * xsn, centroids + l * M * ksub * dsub, M, ksub, dsub,
+                           out + (l * N + i) * M))
                 return 1;
     return 0;
 }

@@ -33,7 +33,8 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
 def cache_dir() -> Path:
-    """Where the built library is kept: ``$PQFLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/pqflex`` or ``~/.cache/pqflex``."""
+    """Where the built library is kept: ``$PQFLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/pqflex`` or
+    ``~/.cache/pqflex``."""
     if os.environ.get("PQFLEX_CACHE_DIR"):
         return Path(os.environ["PQFLEX_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pqflex"
@@ -62,7 +63,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                           _ptr] + [_i64] * 5 + [_f32, _ptr])
     lib.decode_step_f32.restype = ctypes.c_int
     lib.decode_step_f32.argtypes = ([_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr,
-                                     _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr] + [_i64] * 8 + [_f32, _ptr, _i64, _i64, _ptr])
+                                     _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr] + [_i64] * 8
+                                    + [_f32, _ptr, _i64, _i64, _ptr])
     lib.pq_encode_f32.restype = ctypes.c_int
     lib.pq_encode_f32.argtypes = [_ptr, _i64, _i64, _ptr] + [_i64] * 5 + [_ptr]
     return lib
@@ -110,6 +112,8 @@ def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi:
               k_max: int, scale: float) -> torch.Tensor:
     """:func:`pqflex.ops.reference.pq_select` in one pass (fp32 ``ip_table``; checked by the caller)."""
     B, Hkv, G, M, ksub = ip_table.shape
+    if ksub < 256 and codes.numel() and int(codes.max()) >= ksub:  # the C reads the table unchecked
+        raise IndexError(f"pq_select: a code is {int(codes.max())}, out of range for ksub={ksub}")
     table = ip_table.contiguous()
     codes = _rowwise(codes)
     lo, hi, topk = (t.to(torch.int64).contiguous() for t in (lo, hi, topk))
@@ -129,11 +133,13 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     _, Hkv, T = idx.shape
     query, key, value = _rowwise(query), _rowwise(key), _rowwise(value)
     idx = idx.to(torch.int64).contiguous()
+    if int(idx.min()) < 0 or int(idx.max()) >= key.shape[2]:  # the C reads rows unchecked; the reference raises
+        raise IndexError(f"sparse_decode_attention: idx holds positions outside [0, {key.shape[2]})")
     valid = None if valid is None else valid.contiguous()  # bool: one byte per slot
     out = torch.empty(B, H, 1, D, dtype=torch.float32)
     rc = library().sparse_attention_f32(_p(query), query.stride(0), query.stride(1), _p(key), *key.stride()[:3],
-                                        _p(value), *value.stride()[:3], _p(idx), None if valid is None else _p(valid), B, Hkv, H // Hkv, T, D,
-                                        scale, _p(out))
+                                        _p(value), *value.stride()[:3], _p(idx),
+                                        None if valid is None else _p(valid), B, Hkv, H // Hkv, T, D, scale, _p(out))
     if rc != 0:
         raise MemoryError(f"sparse_decode_attention: out of memory for {T} tokens")
     return out
@@ -156,6 +162,8 @@ def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cen
     """
     B, H, _, D = query.shape
     Hkv, M, ksub, dsub = centroids.shape[1:]
+    if not 1 <= n <= key.shape[2] or codes.shape[2] < n - 1:  # the C reads rows [0, n) unchecked
+        raise ValueError(f"decode_step: n={n} out of range for {key.shape[2]} cached rows and {codes.shape[2]} codes")
     query, key, value, codes = _rowwise(query), _rowwise(key), _rowwise(value), _rowwise(codes)
     centroids = centroids.contiguous()
     start, sink, recent, topk = (t.to(torch.int64).contiguous() for t in (start, sink, recent, topk))
