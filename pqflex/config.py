@@ -90,6 +90,13 @@ class PQConfig:
         scorer: how middle tokens are scored: ``"pq"`` (PQ codes, the method) or ``"exact"`` (exact ``q . k`` of
             every cached key, no k-means: the oracle top-k, the ceiling of any top-k retriever; an evaluation
             baseline that reads every key, not a speed-up).
+        offload: keep every cached key and value in (pinned) CPU memory; the GPU holds the PQ codes and
+            centroids, the sink, the recent window and a cache of hot tokens (:class:`pqflex.OffloadedKV`). Needs a
+            fixed-capacity cache (:class:`pqflex.PQStaticCache`) and token selection with the PQ scorer.
+        hot_ratio: offload only: the hot-token cache of each layer and KV head holds ``hot_ratio * topk`` tokens
+            (rounded to whole ``hot_block`` units); ``0`` disables it (every selected token is read from CPU memory).
+        hot_block: offload only: tokens per unit of the hot cache; a selected token that misses brings its whole
+            unit in (1 = single tokens; the original PQCache caches 128-token blocks).
     """
 
     M: int = 8
@@ -107,6 +114,9 @@ class PQConfig:
     selection: Literal["token", "block"] = "token"
     block_size: int = 64
     scorer: Literal["pq", "exact"] = "pq"
+    offload: bool = False
+    hot_ratio: float = 0.5
+    hot_block: int = 1
 
     def __post_init__(self) -> None:
         _check_int("M", self.M, 1)
@@ -133,6 +143,13 @@ class PQConfig:
         _check_int("block_size", self.block_size, 1, 4096)
         if self.scorer not in SCORERS:
             raise ValueError(f"PQConfig.scorer={self.scorer!r}; allowed: {SCORERS}")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"PQConfig.offload must be a bool, got {self.offload!r}")
+        _check_float("hot_ratio", self.hot_ratio, 0.0, 4.0)
+        _check_int("hot_block", self.hot_block, 1, 4096)
+        if self.offload and (self.scorer != "pq" or self.selection != "token"):
+            raise ValueError(f"PQConfig.offload=True needs scorer='pq' and selection='token', got "
+                             f"scorer={self.scorer!r}, selection={self.selection!r}")
         # The budget must leave room for sink + 1 recent + 1 top-k token at the shortest sparse context.
         smallest = self.budget if isinstance(self.budget, int) else int(self.budget * self.min_context)
         dense_only = isinstance(self.budget, float) and self.budget == 1.0

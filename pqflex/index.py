@@ -38,6 +38,15 @@ def left_padding_start(kv_mask: torch.Tensor | None, B: int, N: int, device: tor
     return start.to(device)
 
 
+def sequence_budgets(config: PQConfig, kv_mask: torch.Tensor | None, B: int, N: int,
+                     device: torch.device) -> tuple[torch.Tensor, list[int], list]:
+    """First valid position ``[B]``, valid lengths and :class:`pqflex.Budget` of each of ``B`` sequences of ``N``
+    cached tokens (a left-padding mask ``[B, N]`` or None): what an index and an offloaded KV store share."""
+    start = left_padding_start(kv_mask, B, N, device)
+    lengths = [N] * B if kv_mask is None else (N - start).tolist()
+    return start, lengths, [config.resolve_budget(n) for n in lengths]
+
+
 def training_sample(middle: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Which keys k-means trains on: at most ``cap`` middle tokens of each sequence, an even stride through them.
 
@@ -150,7 +159,8 @@ class PQIndex:
 
     @classmethod
     def build_layers(cls, keys: list[torch.Tensor], config: PQConfig, kv_mask: torch.Tensor | None = None,
-                     capacity: int | None = None, max_train_bytes: int = 1 << 30) -> list[PQIndex]:
+                     capacity: int | None = None, max_train_bytes: int = 1 << 30,
+                     centroids: list[torch.Tensor] | None = None) -> list[PQIndex]:
         """:meth:`build` for several layers over the same sequences, with one k-means for them all.
 
         The budgets and the training sample's positions depend on the sequences only, so every layer shares
@@ -160,6 +170,8 @@ class PQIndex:
         Args:
             keys: ``[B, Hkv, N, D]`` post-RoPE keys of each layer (same shape).
             config, kv_mask, capacity: as in :meth:`build`.
+            centroids: each layer's trained centroids ``[B, Hkv, M, ksub, dsub]`` (k-means run elsewhere, e.g. on
+                the CPU from :meth:`training_keys`); the keys are only encoded.
         """
         if not keys or any(k.shape != keys[0].shape for k in keys):
             raise ValueError(f"keys must be a non-empty list of equal shapes, got {[tuple(k.shape) for k in keys]}")
@@ -167,9 +179,7 @@ class PQIndex:
         device = keys[0].device
         if capacity is not None and capacity < N:
             raise ValueError(f"capacity={capacity} is smaller than the prompt ({N} tokens)")
-        start = left_padding_start(kv_mask, B, N, device)
-        lengths = [N] * B if kv_mask is None else (N - start).tolist()
-        budgets = [config.resolve_budget(n) for n in lengths]
+        start, lengths, budgets = sequence_budgets(config, kv_mask, B, N, device)
         sink, recent, topk = (torch.tensor(col, dtype=torch.long, device=device) for col in list(zip(*budgets))[:3])
         pos = torch.arange(N, device=device)
         middle = (pos >= (start + sink)[:, None]) & (pos < N - recent[:, None])  # [B, N]
@@ -178,6 +188,15 @@ class PQIndex:
         if config.scorer == "exact" or dense:  # nothing to quantize: the oracle scores the keys, dense rows no one
             quantizers = [None] * len(keys)
             codes = [torch.zeros(B, Hkv, N, 0, dtype=torch.uint8, device=device) for _ in keys]
+        elif centroids is not None:
+            if len(centroids) != len(keys):
+                raise ValueError(f"centroids must hold one tensor per layer ({len(keys)}), got {len(centroids)}")
+            quantizers, codes = [], []
+            for c, k in zip(centroids, keys):
+                layer_pq = ProductQuantizer(D, config.M, config.nbits)
+                layer_pq.centroids = c.to(device, non_blocking=True)
+                quantizers.append(layer_pq)
+                codes.append(layer_pq.encode(k))
         else:
             order, train_mask = training_sample(middle, config.train_points * config.ksub)
             T = order.shape[-1]
@@ -206,6 +225,36 @@ class PQIndex:
         widths = dict(k_max=max(b.topk for b in budgets), sink_max=max(b.sink_size for b in budgets),
                       recent_max=max(b.recent_size for b in budgets), full_lists=full_lists, dense=dense)
         return [cls(config, pq, c, start, sink, recent, topk, **widths) for pq, c in zip(quantizers, codes)]
+
+    @staticmethod
+    def training_keys(key: torch.Tensor, config: PQConfig,
+                      kv_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The keys k-means trains on for :meth:`build` (``[B, Hkv, T, D]``) and their mask (``[B, Hkv, T]``),
+        or None when nothing is quantized (the exact scorer, or every sequence dense)."""
+        B, Hkv, N, D = key.shape
+        start, _, budgets = sequence_budgets(config, kv_mask, B, N, key.device)
+        if config.scorer == "exact" or all(b.dense for b in budgets):
+            return None
+        sink = torch.tensor([b.sink_size for b in budgets], device=key.device)
+        recent = torch.tensor([b.recent_size for b in budgets], device=key.device)
+        pos = torch.arange(N, device=key.device)
+        middle = (pos >= (start + sink)[:, None]) & (pos < N - recent[:, None])
+        order, train_mask = training_sample(middle, config.train_points * config.ksub)
+        T = order.shape[-1]
+        sample = key.gather(2, order[:, None, :, None].expand(B, Hkv, T, D))
+        return sample, train_mask[:, None, :].expand(B, Hkv, T)
+
+    def decode_offload(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: torch.Tensor | int,
+                       scale: float, store) -> torch.Tensor:
+        """A decode step over an offloaded KV store (:class:`pqflex.OffloadedKV`) that already holds the new token.
+
+        ``key``/``value`` ``[B, Hkv, 1, D]`` are the newest token (position ``n - 1``): its key is encoded, the
+        selection runs on the codes as in :meth:`step`, and the store attends the token list. No host sync.
+        """
+        if self.quantizer is not None:
+            m = n if torch.is_tensor(n) else torch.tensor(n, device=key.device)
+            self.codes.index_copy_(2, (m - 1).reshape(1), self.quantizer.encode(key))
+        return store.attend(query, self.select(query, n, scale), self, n, scale)
 
     def append(self, key: torch.Tensor) -> None:
         """Encode new keys ``[B, Hkv, S, D]`` with the existing centroids; they become cached tokens."""

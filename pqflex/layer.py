@@ -16,15 +16,22 @@ layer) and calls :meth:`PQLayer.forward` with the tensors; the runtime decides t
 
 The KV store is the caller's: ``key``/``value`` hold exactly the cached tokens (a growing cache) or a
 fixed-capacity buffer whose first ``n`` rows are filled (``n`` a 0-d device tensor, so a decode step never syncs).
+With ``PQConfig(offload=True)`` the runtime owns it instead: an :class:`pqflex.OffloadedKV` that the caller fills
+through :meth:`PQLayer.update_kv`, and ``key``/``value`` are what that returned (the prompt so far, or the new
+token of a decode step).
 """
 
 from __future__ import annotations
+
+import concurrent.futures
 
 import torch
 
 from pqflex.attention import causal_attention, check_attention_inputs
 from pqflex.config import PQConfig
 from pqflex.index import PQIndex
+from pqflex.kvstore import OffloadedKV
+from pqflex.quantizer import ProductQuantizer
 
 
 class PQLayer:
@@ -47,7 +54,12 @@ class PQLayer:
             raise TypeError(f"config must be a pqflex.PQConfig, got {type(config).__name__}")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be None (growing cache) or an int >= 1, got {capacity!r}")
+        if config.offload and capacity is None:
+            raise NotImplementedError("PQConfig(offload=True) needs a fixed-capacity cache: pass "
+                                      "past_key_values=pqflex.PQStaticCache(model, max_cache_len) to generate()")
         self.config, self.capacity, self.deferred = config, capacity, deferred
+        self.store: OffloadedKV | None = None  # offload: every cached key and value
+        self.job: concurrent.futures.Future | None = None  # CPU k-means of the prompt, collected by the owner
         self.index: PQIndex | None = None
         self.prompt_tokens = 0
         self.decoding = False
@@ -58,8 +70,34 @@ class PQLayer:
         return f"PQLayer({state}, index={'built' if self.index is not None else None}, capacity={self.capacity})"
 
     def reset(self) -> None:
-        """Forget the sequence: the next forward starts a new prompt."""
-        self.index, self.prompt_tokens, self.decoding, self.prompt = None, 0, False, None
+        """Forget the sequence: the next forward starts a new prompt (an offloaded store keeps its memory)."""
+        self.index, self.prompt_tokens, self.decoding, self.prompt, self.job = None, 0, False, None, None
+
+    def update_kv(self, key: torch.Tensor, value: torch.Tensor, cached: torch.Tensor | int,
+                  stream: torch.cuda.Stream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offload: store new keys and values ``[B, Hkv, S, D]`` after the ``cached`` tokens (a 0-d tensor or int).
+
+        Returns what attention reads: the prompt so far for a prompt forward, the new token for a decode step.
+        The store (:class:`pqflex.OffloadedKV`, CPU memory pinned on CUDA) is created at the first prompt;
+        ``stream`` carries its prompt copies.
+        """
+        if not self.config.offload:
+            raise RuntimeError("PQLayer.update_kv is the KV store of an offloaded cache (PQConfig(offload=True))")
+        S = key.shape[-2]
+        if S > 1 and not self.decoding:  # S first: a compiled step never guards on `decoding`
+            if torch.compiler.is_compiling():
+                raise RuntimeError("pqflex: run the prefill eagerly (generate() does); only decode steps compile")
+            first = int(cached)
+            if first == 0 and (self.store is None or self.store.shape[:2] != tuple(key.shape[:2])
+                               or self.store.shape[3] != key.shape[3] or self.store.device != key.device):
+                self.store = OffloadedKV(self.config, (*key.shape[:2], self.capacity, key.shape[3]), key.dtype,
+                                         key.device, stream)
+            return self.store.write_prompt(key, value, first)
+        if self.store is None or self.store.rows_k is None:
+            raise RuntimeError("pqflex: an offloaded cache must be prefilled (a forward of the prompt) before its "
+                               "first decode step")
+        self.store.write(key, value, cached + S)
+        return key, value
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_mask: torch.Tensor | None = None, scale: float | None = None,
@@ -96,6 +134,10 @@ class PQLayer:
         key_n, value_n = key[:, :, :N], value[:, :, :N]
         mask_n = None if kv_mask is None else kv_mask[:, :N]
         self.prompt_tokens, self.index, self.prompt = N, None, (key_n, mask_n)
+        if self.config.offload:
+            if self.store is None or self.store.filled != N:  # a prompt handed over whole, not stored yet
+                self.update_kv(key_n, value_n, 0)
+            self.store.setup(key_n, value_n, mask_n)
         if not self.deferred and (query is None or self.capacity is not None):
             self._build(key_n, mask_n)
         if query is None:
@@ -123,6 +165,8 @@ class PQLayer:
                 raise NotImplementedError(f"a fixed-capacity cache decodes one token per forward, got {S} after "
                                           "decoding started; to start a new prompt, call cache.reset() first")
             self.decoding = True
+            if self.store is not None:
+                return self.index.decode_offload(query, key, value, n, scale, self.store)
             return self.index.decode(query, key, value, n, scale)
         N = key.shape[-2]
         check_attention_inputs(query, key, value, self.config)
@@ -148,6 +192,9 @@ class PQLayer:
 
     def select_batch(self, indices: torch.Tensor) -> None:
         """Keep the sequences ``indices`` ``[B']`` in that order (beam search reorders, contrastive search picks)."""
+        if self.config.offload:
+            raise NotImplementedError("pqflex: reordering or selecting sequences (beam search, contrastive search) "
+                                      "is not supported with PQConfig(offload=True); use greedy or sampling")
         if self.index is None:
             if self.prompt is not None:
                 key, mask = self.prompt
@@ -175,6 +222,8 @@ class PQLayer:
                                       f"{self.prompt_tokens}; reset() and prefill again")
         if self.capacity is None:
             self.index.truncate(n)
+        if self.store is not None:
+            self.store.crop(n)
 
     @property
     def nbytes(self) -> int:
@@ -191,7 +240,8 @@ class PQLayer:
 
     def _mark_static(self, index: PQIndex) -> None:
         if self.capacity is not None:
-            for buffer in index.buffers():  # read by the compiled decode step: no copies under CUDA graphs
+            store = () if self.store is None else self.store.buffers()
+            for buffer in (*index.buffers(), *store):  # read by the compiled decode step: no copies under CUDA graphs
                 torch._dynamo.mark_static_address(buffer)
 
     def _filled(self, key: torch.Tensor, n: torch.Tensor | None) -> int:
@@ -232,7 +282,9 @@ class PQCacheState:
             raise ValueError("a fixed-capacity PQCacheState needs num_layers")
         self.capacity, self.num_layers = capacity, num_layers
         self.layers: dict[int, PQLayer] = {}
-        self._stream: torch.cuda.Stream | None = None
+        self._stream: torch.cuda.Stream | None = None  # k-means beside the prefill
+        self._copy_stream: torch.cuda.Stream | None = None  # offload: prompt rows to CPU memory
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # CPU k-means
 
     def layer(self, layer_idx: int, config: PQConfig) -> PQLayer:
         """The runtime of layer ``layer_idx``, created with ``config`` on first use."""
@@ -252,13 +304,50 @@ class PQCacheState:
         if self.capacity is not None and S > 1 and not layer.decoding:
             last = layer_idx == self.num_layers - 1
             group = -(-self.num_layers // OVERLAP_GROUPS)
-            if key.is_cuda and ((layer_idx + 1) % group == 0 or last):
+            if key.is_cuda and config.kmeans_device == "cpu":  # each layer's k-means on the CPU as it comes
+                self._submit_kmeans(layer)
+                if last:
+                    for other in self.layers.values():
+                        if other.store is not None:
+                            other.store.sync()  # the codes are read from CPU memory, and so are misses
+                    self.build_pending()
+            elif key.is_cuda and ((layer_idx + 1) % group == 0 or last):
                 self.build_pending(overlap=True)  # these layers' k-means runs beside the next layers' prefill
                 if last:  # whatever runs after the prompt forward waits for the last group
                     torch.cuda.current_stream(key.device).wait_stream(self._side_stream(key.device))
+                    for other in self.layers.values():
+                        if other.store is not None:
+                            other.store.sync()
             elif last:
                 self.build_pending()
         return out
+
+    def update_kv(self, layer_idx: int, config: PQConfig, key: torch.Tensor, value: torch.Tensor,
+                  cached: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`PQLayer.update_kv` of layer ``layer_idx`` (offload), its prompt copies on this state's copy stream."""
+        stream = None
+        if key.is_cuda:
+            if self._copy_stream is None or self._copy_stream.device != key.device:
+                self._copy_stream = torch.cuda.Stream(key.device)
+            stream = self._copy_stream
+        return self.layer(layer_idx, config).update_kv(key, value, cached, stream)
+
+    def _submit_kmeans(self, layer: PQLayer) -> None:
+        """Start the CPU k-means of a layer's recorded prompt on the worker thread; its GPU keys can go."""
+        key, mask = layer.prompt
+        sample = PQIndex.training_keys(key, layer.config, mask)
+        if sample is None:  # nothing to train (dense, exact scorer): built as usual
+            return
+        x, m = sample
+        x_host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+        m_host = torch.empty(m.shape, dtype=m.dtype, pin_memory=True).copy_(m, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pqflex-kmeans")
+        layer.job = self._pool.submit(_train_on_cpu, x_host, m_host, ready, layer.config)
+        if layer.store is not None:  # the codes are computed from CPU memory at collection
+            layer.prompt = (layer.store.keys[:, :, :key.shape[-2]], mask)
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self._stream is None or self._stream.device != device:
@@ -286,12 +375,16 @@ class PQCacheState:
         for layer in self.layers.values():
             if layer.index is None and layer.prompt is not None:
                 key, mask = layer.prompt
-                groups.setdefault((layer.config, key.shape, key.device, key.dtype), []).append(layer)
-        for (config, *_), layers in groups.items():
+                groups.setdefault((layer.config, key.shape, key.device, key.dtype, layer.job is None),
+                                  []).append(layer)
+        for (config, *_, train), layers in groups.items():
             mask = layers[0].prompt[1]
-            indexes = PQIndex.build_layers([layer.prompt[0] for layer in layers], config, mask, self.capacity)
+            centroids = None if train else [layer.job.result() for layer in layers]
+            indexes = PQIndex.build_layers([layer.prompt[0] for layer in layers], config, mask, self.capacity,
+                                           centroids=centroids)
             for layer, index in zip(layers, indexes):
                 layer.set_index(index)
+                layer.job = None
 
     def reset(self) -> None:
         for layer in self.layers.values():
@@ -311,3 +404,13 @@ class PQCacheState:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers.values())
+
+
+def _train_on_cpu(x: torch.Tensor, mask: torch.Tensor, ready: torch.cuda.Event | None,
+                  config: PQConfig) -> torch.Tensor:
+    """A worker's job: k-means (``torch.ops.pqflex.kmeans``, its CPU kernel) on a layer's training keys
+    ``[B, Hkv, T, D]`` once their copy to CPU memory is done; returns the centroids ``[B, Hkv, M, ksub, dsub]``."""
+    if ready is not None:
+        ready.synchronize()
+    pq = ProductQuantizer(x.shape[-1], config.M, config.nbits)
+    return pq.train(x, mask, niter=config.niter, seed=config.seed, tol=config.tol).centroids

@@ -323,13 +323,35 @@ class PQStaticCache(PQCacheMixin, Cache):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
         capacity = -(-max_cache_len // 128) * 128
-        layers = [StaticLayer(capacity) for _ in range(max(m.layer_idx for m in _attention_modules(model)) + 1)]
+        chosen = get_config(model) if config is None else config
+        offload = isinstance(chosen, PQConfig) and chosen.offload  # _setup names a wrong type
+        kind = _OffloadLayer if offload else StaticLayer
+        layers = [kind(capacity) for _ in range(max(m.layer_idx for m in _attention_modules(model)) + 1)]
         super().__init__(layers=layers)
         self._setup(model, config)
+
+    @property
+    def offload(self) -> bool:
+        """Keys and values live in CPU memory (``PQConfig(offload=True)``): see :class:`pqflex.OffloadedKV`."""
+        return isinstance(self.layers[0], _OffloadLayer)
+
+    @property
+    def kv_device_nbytes(self) -> int:
+        """Bytes of key/value state on the model's device: the dense buffers, or an offloaded store's GPU rows."""
+        if self.offload:
+            return sum(layer.store.device_nbytes for layer in self.pq_layers if layer.store is not None)
+        return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self.layers if layer.is_initialized)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
+        if isinstance(layer, _OffloadLayer):
+            self._check_update(layer, key_states)
+            return layer.store_update(self.pq_state, layer_idx, self.pq_config, key_states, value_states)
+        self._check_update(layer, key_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _check_update(self, layer: StaticLayer, key_states: torch.Tensor) -> None:
         if layer.is_initialized and not torch.compiler.is_compiling():  # eager forwards: say what went wrong
             batch, new = key_states.shape[0], key_states.shape[-2]
             if batch != layer.keys.shape[0]:
@@ -340,7 +362,6 @@ class PQStaticCache(PQCacheMixin, Cache):
                 raise ValueError(f"this PQStaticCache holds {layer.max_cache_len} tokens per sequence: {cached} "
                                  f"cached + {new} new do not fit; create it with max_cache_len >= prompt + "
                                  "max_new_tokens, or call cache.reset() before a new prompt")
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _new_state(self) -> PQCacheState:
         return PQCacheState(self.layers[0].max_cache_len, len(self.layers))
@@ -348,6 +369,36 @@ class PQStaticCache(PQCacheMixin, Cache):
     def _filled(self, layer_idx: int) -> torch.Tensor:
         return self.layers[layer_idx].cumulative_length
 
+
+class _OffloadLayer(StaticLayer):
+    """A :class:`transformers.cache_utils.StaticLayer` whose keys and values live in the layer runtime's
+    :class:`pqflex.OffloadedKV` (CPU memory): it counts the cached tokens and hands the rows to the store.
+    ``keys``/``values`` are device views of the whole store (reads go over PCIe)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.cumulative_length)
+        self.is_initialized = True
+
+    def store_update(self, state: PQCacheState, layer_idx: int, config: PQConfig, key_states: torch.Tensor,
+                     value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        out = state.update_kv(layer_idx, config, key_states, value_states, self.cumulative_length)
+        self.cumulative_length.add_(key_states.shape[-2])
+        store = state.layers[layer_idx].store
+        self.keys, self.values = store.keys, store.values
+        return out
+
+    def update(self, *args: Any, **kwargs: Any):
+        raise RuntimeError("an offloaded PQStaticCache layer is updated through PQStaticCache.update")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("pqflex: beam search is not supported with PQConfig(offload=True)")
 
 
 def pqcache_mask(**kwargs: Any) -> torch.Tensor | None:

@@ -334,3 +334,19 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         logits = logits.masked_fill(~valid[:, :, None, :], -math.inf)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no valid token: all NaN -> zeros
     return (probs @ v).reshape(B, H, 1, D).to(query.dtype)  # [B, H, 1, D]
+
+
+def offload_gather(device_rows: torch.Tensor, host_rows: torch.Tensor, row: torch.Tensor,
+                   pos: torch.Tensor) -> torch.Tensor:
+    """Rows ``[B, Hkv, T, D]`` from two sources: ``device_rows[b, h, row]`` where ``row >= 0``, else
+    ``host_rows[b, h, pos]``.
+
+    Args:
+        device_rows: ``[B, Hkv, R, D]`` (the GPU part of an offloaded KV store); host_rows: ``[B, Hkv, C, D]``
+            (every cached token, in CPU memory); row, pos: ``[B, Hkv, T]`` integer (``pos`` is read where
+            ``row < 0`` only and must be in ``[0, C)`` there).
+    """
+    D = device_rows.shape[-1]
+    here = device_rows.gather(2, row.clamp(min=0).long()[..., None].expand(*row.shape, D))
+    there = host_rows.gather(2, torch.where(row < 0, pos, 0).long()[..., None].expand(*row.shape, D))
+    return torch.where((row >= 0)[..., None], here, there)
