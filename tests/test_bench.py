@@ -17,7 +17,9 @@ def test_bench_tiny_preset_runs_every_method(tmp_path, capsys):
     for r in data["results"]:
         assert r["context"] == 1200 and r["steps"] == 2 and r["tpot_ms"] > 0 and r["ttft_s"] > 0
         assert r["gen_tpot_ms"] > 0 and r["gen_ttft_s"] > 0  # through model.generate()
-    assert [r["budget"] for r in data["results"]] == [0.1, 1.0, 1.0, 1.0]
+    assert [r["budget"] for r in data["results"]] == [0.1, 0.1, 1.0, 1.0, 1.0]
+    offload = data["results"][1]
+    assert 0 < offload["kv_gib"] < data["results"][0]["kv_gib"] and 0 <= offload["hit_rate"] <= 1
     assert data["environment"]["torch"] and "| tiny | pqcache | 1 | 1200 |" in capsys.readouterr().out
     assert main(["bench", "--from-json", str(out)]) == 0  # re-print an earlier run
 

@@ -3,6 +3,8 @@
 Speed does not depend on the weights, so each preset builds its model from a config (no download). Methods:
 
 - ``pqcache``: attention ``"pqcache"`` with a :class:`pqflex.PQStaticCache`, decode step compiled;
+- ``pqcache-offload``: the same with ``offload=True``: keys and values in pinned CPU memory, the GPU holding the
+  sink, the recent window, the hot-token cache and the PQ state (:class:`pqflex.OffloadedKV`);
 - ``pqflex-dense``: the same machinery with ``budget=1.0`` (every token attended);
 - ``sdpa-static``: transformers' SDPA with its ``StaticCache``, decode step compiled;
 - ``sdpa``: transformers' SDPA with its ``DynamicCache``, eager.
@@ -27,8 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-METHODS = ("pqcache", "pqflex-dense", "sdpa-static", "sdpa")
-COMPILED = {"pqcache", "pqflex-dense", "sdpa-static"}
+METHODS = ("pqcache", "pqcache-offload", "pqflex-dense", "sdpa-static", "sdpa")
+COMPILED = {"pqcache", "pqcache-offload", "pqflex-dense", "sdpa-static"}
+PQ_METHODS = {"pqcache", "pqcache-offload", "pqflex-dense"}  # attention "pqcache"
 
 _COMMON = dict(hidden_act="silu", rms_norm_eps=1e-5, eos_token_id=None, bos_token_id=None, pad_token_id=None)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the --dtype choices
@@ -68,6 +71,8 @@ class Result:
     steps: int
     gen_ttft_s: float | None = None  # through model.generate(), per-token timestamps
     gen_tpot_ms: float | None = None
+    kv_gib: float | None = None  # key/value state on the device: dense buffers, or offload's GPU rows + PQ state
+    hit_rate: float | None = None  # offload: hot-cache hits per selected token over the timed run
 
 
 def model_config(preset: str):
@@ -160,13 +165,13 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {METHODS}")
-    attn = "pqcache" if method in ("pqcache", "pqflex-dense") else "sdpa"
+    attn = "pqcache" if method in PQ_METHODS else "sdpa"
     model = model if model is not None else build_model(preset, attn, dtype, device)
     capacity = context + warmup + new_tokens + 1
     if attn == "pqcache":
         pq = pqflex.PQConfig(budget=1.0 if method == "pqflex-dense" else budget, **(options or {}))
-        pqflex.configure(model, pq)
-        cache = pqflex.PQStaticCache(model, capacity)
+        pqflex.configure(model, pq.replace(offload=False))  # the warm-up below uses a growing cache
+        cache = pqflex.PQStaticCache(model, capacity, cache_config(method, pq))
     elif method == "sdpa-static":
         cache = StaticCache(config=model.config, max_cache_len=capacity)
     else:
@@ -203,9 +208,28 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
-    shown = budget if method == "pqcache" else 1.0
+    shown = 1.0 if method in ("pqflex-dense", "sdpa", "sdpa-static") else budget
+    kv, hits = cache_stats(cache)
     return Result(preset, method, batch, context, shown, ttft, statistics.median(times) * 1e3, None, peak,
-                  len(times))
+                  len(times), kv_gib=kv, hit_rate=hits)
+
+
+def cache_config(method: str, config):
+    """The :class:`pqflex.PQConfig` of a method's cache (offload on for ``pqcache-offload``)."""
+    return config.replace(offload=method == "pqcache-offload")
+
+
+def cache_stats(cache) -> tuple[float, float | None]:
+    """GiB of key/value state on the device and, for an offloaded cache, the hot-cache hit rate (syncs)."""
+    import pqflex
+
+    if isinstance(cache, pqflex.PQStaticCache):
+        stores = [layer.store for layer in cache.pq_layers if layer.store is not None]
+        hits = sum(int(s.hits) for s in stores) / max(1, sum(int(s.lookups) for s in stores)) if stores else None
+        return (cache.kv_device_nbytes + cache.pq_nbytes) / 2 ** 30, hits
+    kv = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers
+             if getattr(layer, "keys", None) is not None)
+    return kv / 2 ** 30, None
 
 
 class _Stamps:
@@ -225,14 +249,16 @@ def run_generate(model, method: str, batch: int, context: int, new_tokens: int, 
     """TTFT (s) and TPOT (ms, median over the tokens after ``warmup``) of ``model.generate()`` as users call it.
 
     ``model`` is configured for the method already (:func:`run_method` did it). Greedy, ``min_new_tokens`` fixed.
+    The offload method's cache takes the model's settings with ``offload=True``.
     """
     import pqflex
     from transformers import LogitsProcessorList
 
     capacity = context + warmup + new_tokens + 1
     kwargs: dict[str, Any] = {}
-    if method in ("pqcache", "pqflex-dense"):
-        kwargs[pqflex.CACHE_KWARG] = pqflex.PQStaticCache(model, capacity)
+    if method in PQ_METHODS:
+        kwargs[pqflex.CACHE_KWARG] = pqflex.PQStaticCache(model, capacity,
+                                                          cache_config(method, pqflex.get_config(model)))
     elif method == "sdpa-static":
         kwargs["cache_implementation"] = "static"
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device,
@@ -267,8 +293,8 @@ def environment(device: str) -> dict[str, str]:
 
 def table(results: list[Result]) -> str:
     head = ("| preset | method | batch | context | budget | TTFT s | TPOT ms | generate TTFT s | generate TPOT ms "
-            "| attn µs/layer | peak GiB |")
-    lines = [head, "|" + "---|" * 11]
+            "| attn µs/layer | peak GiB | KV GiB on device | hot hits |")
+    lines = [head, "|" + "---|" * 13]
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
@@ -276,7 +302,8 @@ def table(results: list[Result]) -> str:
     for r in results:
         lines.append(f"| {r.preset} | {r.method} | {r.batch} | {r.context} | {r.budget} | {r.ttft_s:.3f} | "
                      f"{r.tpot_ms:.2f} | {fmt(r.gen_ttft_s, '.3f')} | {fmt(r.gen_tpot_ms, '.2f')} | "
-                     f"{fmt(r.attn_layer_us, '.1f')} | {fmt(r.peak_gib, '.1f')} |")
+                     f"{fmt(r.attn_layer_us, '.1f')} | {fmt(r.peak_gib, '.1f')} | {fmt(r.kv_gib, '.2f')} | "
+                     f"{fmt(r.hit_rate, '.1%')} |")
     return "\n".join(lines)
 
 
@@ -327,7 +354,7 @@ def main(args) -> int:
         for batch in args.batch:
             for context in args.contexts:
                 for method in args.methods:
-                    attn = "pqcache" if method in ("pqcache", "pqflex-dense") else "sdpa"
+                    attn = "pqcache" if method in PQ_METHODS else "sdpa"
                     if attn not in models:  # one model per attention implementation, reused across runs
                         models.clear()
                         torch._dynamo.reset()
@@ -337,7 +364,7 @@ def main(args) -> int:
                     if not args.no_generate:
                         r.gen_ttft_s, r.gen_tpot_ms = run_generate(models[attn], method, batch, context,
                                                                    args.new_tokens, args.warmup, device)
-                    if device.startswith("cuda") and not args.no_layer_attention:
+                    if device.startswith("cuda") and not args.no_layer_attention and method != "pqcache-offload":
                         r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, args.budget,
                                                              dtype, options)
                     results.append(r)

@@ -11,7 +11,7 @@ import pqflex
 from pqflex import METHODS, PQConfig
 from pqflex.harness.suite import TASKS
 
-BENCH_METHODS = ("pqcache", "pqflex-dense", "sdpa-static", "sdpa")
+BENCH_METHODS = ("pqcache", "pqcache-offload", "pqflex-dense", "sdpa-static", "sdpa")
 PRESETS = ("llama-3.1-8b", "mistral-7b", "qwen2.5-7b", "smollm2-135m", "tiny")
 
 
