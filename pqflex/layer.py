@@ -326,7 +326,7 @@ class PQCacheState:
                   cached: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`PQLayer.update_kv` of layer ``layer_idx`` (offload), its prompt copies on this state's copy stream."""
         stream = None
-        if key.is_cuda:
+        if key.shape[-2] > 1 and key.is_cuda:  # a prompt forward (eager); a compiled step never sees streams
             if self._copy_stream is None or self._copy_stream.device != key.device:
                 self._copy_stream = torch.cuda.Stream(key.device)
             stream = self._copy_stream

@@ -2,8 +2,8 @@
 
 Same contract as :func:`pqflex.ops.reference.offload_gather`. On CUDA, ``host_rows`` is a device view of pinned
 CPU memory (:func:`pqflex.kvstore.device_view`: under unified addressing a kernel reads host memory by address),
-and the Triton kernel reads each row from exactly one source: a masked load touches no memory, so a row served
-on the GPU costs no PCIe traffic and a miss costs one row over PCIe. The reference (any device) reads both and
+and the Triton kernel (one row per program) reads each row from exactly one source, so a row served on the GPU
+costs no PCIe traffic and a miss costs one row over PCIe. The reference (any device) reads both and
 picks, which is exact but moves every row; it serves the CPU, where both sources are host memory anyway.
 
 Measured bearing (H200, torch 2.11, bf16, 256-byte rows from pinned memory, ``.devrun``-style probe recorded in
@@ -21,9 +21,6 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
-
-_BLOCK_T = 32
-
 
 def _check(device_rows, host_rows, row, pos) -> None:
     if device_rows.dim() != 4 or host_rows.dim() != 4:
@@ -46,24 +43,21 @@ if triton is not None:
     @triton.jit
     def _offload_gather_kernel(dev_ptr, host_ptr, row_ptr, pos_ptr, out_ptr, Hkv, T, D,
                                s_d_b, s_d_h, s_d_n, s_h_b, s_h_h, s_h_n, s_r_b, s_r_h, s_p_b, s_p_h,
-                               D_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
-        pid = tl.program_id(0)
-        b = (pid // Hkv).to(tl.int64)
-        h = (pid % Hkv).to(tl.int64)
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+                               D_PAD: tl.constexpr):
+        """One listed row per program: from the device rows, or (a miss) from host memory."""
+        r = tl.program_id(0).to(tl.int64)
+        t = r % T
+        b = r // T // Hkv
+        h = r // T % Hkv
         d = tl.arange(0, D_PAD)
-        t_ok = t < T
         d_ok = d < D
-        row = tl.load(row_ptr + b * s_r_b + h * s_r_h + t, mask=t_ok, other=0).to(tl.int64)
-        here = t_ok & (row >= 0)
-        there = t_ok & (row < 0)
-        pos = tl.load(pos_ptr + b * s_p_b + h * s_p_h + t, mask=there, other=0).to(tl.int64)
-        x = tl.load(dev_ptr + b * s_d_b + h * s_d_h + row[:, None] * s_d_n + d[None, :],
-                    mask=here[:, None] & d_ok[None, :], other=0.0)
-        y = tl.load(host_ptr + b * s_h_b + h * s_h_h + pos[:, None] * s_h_n + d[None, :],
-                    mask=there[:, None] & d_ok[None, :], other=0.0)
-        out = tl.where(here[:, None], x, y)
-        tl.store(out_ptr + (pid * T + t)[:, None] * D + d[None, :], out, mask=t_ok[:, None] & d_ok[None, :])
+        row = tl.load(row_ptr + b * s_r_b + h * s_r_h + t).to(tl.int64)
+        if row >= 0:
+            x = tl.load(dev_ptr + b * s_d_b + h * s_d_h + row * s_d_n + d, mask=d_ok)
+        else:
+            pos = tl.load(pos_ptr + b * s_p_b + h * s_p_h + t).to(tl.int64)
+            x = tl.load(host_ptr + b * s_h_b + h * s_h_h + pos * s_h_n + d, mask=d_ok)
+        tl.store(out_ptr + r * D + d, x, mask=d_ok)
 
 
 @torch.library.triton_op("pqflex::offload_gather", mutates_args=())
@@ -78,11 +72,12 @@ def offload_gather(device_rows: torch.Tensor, host_rows: torch.Tensor, row: torc
     device_rows, host_rows = (t if t.stride(-1) == 1 else t.contiguous() for t in (device_rows, host_rows))
     row, pos = row.contiguous(), pos.contiguous()
     out = torch.empty(B, Hkv, T, D, dtype=device_rows.dtype, device=device_rows.device)
-    torch.library.wrap_triton(_offload_gather_kernel)[(B * Hkv, triton.cdiv(T, _BLOCK_T))](
-        device_rows, host_rows, row, pos, out, Hkv, T, D,
-        device_rows.stride(0), device_rows.stride(1), device_rows.stride(2),
-        host_rows.stride(0), host_rows.stride(1), host_rows.stride(2), row.stride(0), row.stride(1),
-        pos.stride(0), pos.stride(1), D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_T=_BLOCK_T, num_warps=4)
+    if out.numel():
+        torch.library.wrap_triton(_offload_gather_kernel)[(B * Hkv * T,)](
+            device_rows, host_rows, row, pos, out, Hkv, T, D,
+            device_rows.stride(0), device_rows.stride(1), device_rows.stride(2),
+            host_rows.stride(0), host_rows.stride(1), host_rows.stride(2), row.stride(0), row.stride(1),
+            pos.stride(0), pos.stride(1), D_PAD=max(16, triton.next_power_of_2(D)), num_warps=1)
     return out
 
 
