@@ -28,17 +28,18 @@ def padded(n=300, batch=2, pad=23, seed=1):
 def check_store_rows(store: OffloadedKV, n: int) -> None:
     """Every GPU row of the store holds the CPU row of the position it claims (ring, sink, hot units)."""
     B, Hkv, _, D = store.shape
-    for rows, host in ((store.rows_k, store.host_keys), (store.rows_v, store.host_values)):
+    tags, start = store.tags.cpu(), store.start.cpu()
+    for rows, host in ((store.rows_k.cpu(), store.host_keys), (store.rows_v.cpu(), store.host_values)):
         ring = torch.arange(max(n - store.ring, 0), n)
         assert torch.equal(rows[:, :, store.sink_max + ring % store.ring], host[:, :, ring])
         for b in range(B):
-            s = int(store.start[b])
+            s = int(start[b])
             sink = torch.arange(s, min(s + store.sink_max, n))
             assert torch.equal(rows[b, :, :len(sink)], host[b, :, sink])
         g = store.config.hot_block
         for b in range(B):
             for h in range(Hkv):
-                for slot, unit in enumerate(store.tags[b, h, :store.units].tolist()):
+                for slot, unit in enumerate(tags[b, h, :store.units].tolist()):
                     if unit < 0:
                         continue
                     assert (unit + 1) * g <= n, "a hot unit holds tokens not cached yet"
