@@ -89,7 +89,8 @@ class PQLayer:
                 raise RuntimeError("pqflex: run the prefill eagerly (generate() does); only decode steps compile")
             first = int(cached)
             if first == 0 and (self.store is None or self.store.shape[:2] != tuple(key.shape[:2])
-                               or self.store.shape[3] != key.shape[3] or self.store.device != key.device):
+                               or self.store.shape[3] != key.shape[3] or self.store.device != key.device
+                               or self.store.dtype != key.dtype):
                 self.store = OffloadedKV(self.config, (*key.shape[:2], self.capacity, key.shape[3]), key.dtype,
                                          key.device, stream)
             return self.store.write_prompt(key, value, first)

@@ -227,3 +227,16 @@ def test_hot_unit_enters_only_once_all_its_tokens_are_cached():
     store.attend(query, selected, index, 96, 1.0)
     assert (store.tags[..., :store.units] == 2).any()
     check_store_rows(store, 96)
+
+
+def test_offload_memory_allocated_up_front_is_used():
+    pq = make("llama")
+    pqflex.configure(pq, SMALL)
+    cache = PQStaticCache(pq, 320, SMALL.replace(offload=True), max_batch_size=1)
+    stores = [layer.store for layer in cache.pq_layers]
+    assert all(s is not None and s.shape == (1, 2, 384, 8) for s in stores)
+    want = generate(pq, prompt(300), n=4, **{CACHE_KW: PQStaticCache(pq, 320)}, disable_compile=True)
+    assert torch.equal(generate(pq, prompt(300), n=4, **{CACHE_KW: cache}, disable_compile=True), want)
+    assert [layer.store for layer in cache.pq_layers] == stores  # the same memory served the prompt
+    with pytest.raises(ValueError, match="max_batch_size must be None or an int >= 1, got 0"):
+        PQStaticCache(pq, 320, max_batch_size=0)

@@ -171,7 +171,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
     if attn == "pqcache":
         pq = pqflex.PQConfig(budget=1.0 if method == "pqflex-dense" else budget, **(options or {}))
         pqflex.configure(model, pq.replace(offload=False))  # the warm-up below uses a growing cache
-        cache = pqflex.PQStaticCache(model, capacity, cache_config(method, pq))
+        cache = pqflex.PQStaticCache(model, capacity, cache_config(method, pq), max_batch_size=batch)
     elif method == "sdpa-static":
         cache = StaticCache(config=model.config, max_cache_len=capacity)
     else:
@@ -257,8 +257,8 @@ def run_generate(model, method: str, batch: int, context: int, new_tokens: int, 
     capacity = context + warmup + new_tokens + 1
     kwargs: dict[str, Any] = {}
     if method in PQ_METHODS:
-        kwargs[pqflex.CACHE_KWARG] = pqflex.PQStaticCache(model, capacity,
-                                                          cache_config(method, pqflex.get_config(model)))
+        kwargs[pqflex.CACHE_KWARG] = pqflex.PQStaticCache(model, capacity, cache_config(
+            method, pqflex.get_config(model)), max_batch_size=batch)  # offload: CPU memory allocated here
     elif method == "sdpa-static":
         kwargs["cache_implementation"] = "static"
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device,

@@ -27,6 +27,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from pqflex.attention import causal_attention
 from pqflex.config import PQConfig
+from pqflex.kvstore import OffloadedKV
 from pqflex.layer import PQCacheState, PQLayer
 
 ATTN_IMPLEMENTATION = "pqcache"
@@ -313,15 +314,23 @@ class PQStaticCache(PQCacheMixin, Cache):
     transformers compiles decoding automatically for this cache class). The prefill runs eagerly; call
     :meth:`reset` before reusing the cache for a new batch.
 
+    With ``PQConfig(offload=True)`` the keys and values live in CPU memory (:class:`pqflex.OffloadedKV`); give
+    ``max_batch_size`` to allocate that memory here rather than in the first prefill.
+
     Args:
         model: the model it serves (attention implementation ``"pqcache"``).
         max_cache_len: tokens to hold per sequence (prompt + new tokens); rounded up to a multiple of 128.
         config: PQ settings; default: what :func:`configure` set on the model, else ``PQConfig()``.
+        max_batch_size: offload only: the batch size, to allocate the CPU memory up front.
     """
 
-    def __init__(self, model: nn.Module, max_cache_len: int, config: PQConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, max_cache_len: int, config: PQConfig | None = None,
+                 max_batch_size: int | None = None) -> None:
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
         capacity = -(-max_cache_len // 128) * 128
         chosen = get_config(model) if config is None else config
         offload = isinstance(chosen, PQConfig) and chosen.offload  # _setup names a wrong type
@@ -329,6 +338,19 @@ class PQStaticCache(PQCacheMixin, Cache):
         layers = [kind(capacity) for _ in range(max(m.layer_idx for m in _attention_modules(model)) + 1)]
         super().__init__(layers=layers)
         self._setup(model, config)
+        if offload and max_batch_size is not None:
+            self._allocate_stores(model, max_batch_size)
+
+    def _allocate_stores(self, model: nn.Module, batch: int) -> None:
+        """Offload: allocate every layer's CPU memory now (seconds for long caches), not in the first prefill."""
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        Hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        for module in _attention_modules(model):
+            weight = next(module.parameters())
+            D = getattr(module, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            layer = self.pq_state.layer(module.layer_idx, self.pq_config)
+            layer.store = OffloadedKV(self.pq_config, (batch, Hkv, self.layers[0].max_cache_len, D), weight.dtype,
+                                      weight.device)
 
     @property
     def offload(self) -> bool:
