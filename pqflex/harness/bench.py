@@ -73,6 +73,7 @@ class Result:
     gen_tpot_ms: float | None = None
     kv_gib: float | None = None  # key/value state on the device: dense buffers, or offload's GPU rows + PQ state
     hit_rate: float | None = None  # offload: hot-cache hits per selected token over the timed run
+    cache_setup_s: float | None = None  # creating the cache (offload: allocating and registering CPU memory)
 
 
 def model_config(preset: str):
@@ -168,6 +169,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
     attn = "pqcache" if method in PQ_METHODS else "sdpa"
     model = model if model is not None else build_model(preset, attn, dtype, device)
     capacity = context + warmup + new_tokens + 1
+    t0 = time.perf_counter()
     if attn == "pqcache":
         pq = pqflex.PQConfig(budget=1.0 if method == "pqflex-dense" else budget, **(options or {}))
         pqflex.configure(model, pq.replace(offload=False))  # the warm-up below uses a growing cache
@@ -176,6 +178,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         cache = StaticCache(config=model.config, max_cache_len=capacity)
     else:
         cache = DynamicCache(config=model.config)
+    setup = time.perf_counter() - t0
     forward = model.forward
     if method in COMPILED:
         mode = "reduce-overhead" if device.startswith("cuda") else None
@@ -211,7 +214,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
     shown = 1.0 if method in ("pqflex-dense", "sdpa", "sdpa-static") else budget
     kv, hits = cache_stats(cache)
     return Result(preset, method, batch, context, shown, ttft, statistics.median(times) * 1e3, None, peak,
-                  len(times), kv_gib=kv, hit_rate=hits)
+                  len(times), kv_gib=kv, hit_rate=hits, cache_setup_s=setup)
 
 
 def cache_config(method: str, config):
