@@ -140,10 +140,15 @@ class OffloadedKV:
             self.host_keys[:, :, first:first + S].copy_(key)
             self.host_values[:, :, first:first + S].copy_(value)
         else:
+            # One contiguous DMA per sequence and head: a strided CPU destination would make torch copy through
+            # a pageable temporary, synchronously.
+            key, value = key.contiguous(), value.contiguous()
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                self.host_keys[:, :, first:first + S].copy_(key, non_blocking=True)
-                self.host_values[:, :, first:first + S].copy_(value, non_blocking=True)
+                for host, x in ((self.host_keys, key), (self.host_values, value)):
+                    for b in range(x.shape[0]):
+                        for h in range(x.shape[1]):
+                            host[b, h, first:first + S].copy_(x[b, h], non_blocking=True)
             key.record_stream(self.stream)
             value.record_stream(self.stream)
         if first == 0:
