@@ -32,7 +32,7 @@ test-compat:
 	if [ -n "$(TORCH_SPEC)" ]; then $(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"; fi
 	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[dev]" "$(COMPAT_TRANSFORMERS)"
 	$(COMPAT_VENV)/bin/python -m pytest -q tests/test_transformers.py tests/test_cache_state.py tests/test_compile.py \
-		tests/test_robustness.py
+		tests/test_robustness.py tests/test_offload.py tests/test_tensor_parallel.py
 
 demo: setup
 	$(VENV)/bin/pqflex demo

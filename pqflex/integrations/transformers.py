@@ -107,6 +107,7 @@ def configure(model: nn.Module, config: PQConfig | None = None) -> nn.Module:
         setattr(module, _CHECKED_ATTR, False)  # the config may have changed since the last check
         check_supported(module)
     check_config(config, modules)
+    check_tensor_parallel(model)
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     for module in modules:
@@ -118,6 +119,22 @@ def configure(model: nn.Module, config: PQConfig | None = None) -> nn.Module:
 def get_config(model: nn.Module) -> PQConfig:
     """The :class:`PQConfig` the model's attention layers use."""
     return getattr(_attention_modules(model)[0], _CONFIG_ATTR, None) or PQConfig()
+
+
+def check_tensor_parallel(model: nn.Module) -> int:
+    """The model's tensor-parallel degree (1 without TP); raise ``NotImplementedError`` unless it divides the KV
+    heads: each rank runs pqcache over its own KV heads, and a head split across ranks has no PQ index of its own."""
+    tp = getattr(model, "tp_size", None) or 1
+    if tp > 1:
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        if kv % tp:
+            allowed = [d for d in range(1, kv + 1) if kv % d == 0]
+            raise NotImplementedError(
+                f"tensor parallelism over tp_size={tp} ranks splits the {kv} KV head(s) of {type(model).__name__} "
+                f"inside a head; pqcache runs each rank over whole KV heads: use tp_size in {allowed}"
+            )
+    return tp
 
 
 def check_config(config: PQConfig, modules: list[nn.Module]) -> None:
@@ -214,6 +231,7 @@ class PQCacheMixin:
             _install_hook(module)
         self.pq_config = get_config(model) if config is None else config
         check_config(self.pq_config, modules)
+        self.tp_size = check_tensor_parallel(model)
 
     @property
     def pq_state(self) -> PQCacheState:
@@ -344,7 +362,7 @@ class PQStaticCache(PQCacheMixin, Cache):
     def _allocate_stores(self, model: nn.Module, batch: int) -> None:
         """Offload: allocate every layer's CPU memory now (seconds for long caches), not in the first prefill."""
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        Hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        Hkv = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) // self.tp_size  # this rank's
         for module in _attention_modules(model):
             weight = next(module.parameters())
             D = getattr(module, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

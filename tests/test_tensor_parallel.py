@@ -1,0 +1,89 @@
+"""Tensor parallelism through transformers (``tp_plan="auto"``): each rank runs pqcache over its own KV heads.
+
+Two processes on the CPU with the gloo backend (transformers maps the CPU to gloo): a random-weight Llama saved to a
+directory, loaded with ``tp_plan="auto"`` on each rank; greedy generation must equal the single-process run, with
+the adopted ``DynamicCache`` and with a ``PQStaticCache``, and a budget covering the context must equal SDPA.
+"""
+
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import pqflex
+from pqflex import PQStaticCache
+
+from tests.test_transformers import CACHE_KW, SPARSE, TINY, generate, prompt
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _runs(model, ids) -> dict[str, torch.Tensor]:
+    pqflex.configure(model, SPARSE)
+    out = {"dynamic": generate(model, ids),
+           "static": generate(model, ids, **{CACHE_KW: PQStaticCache(model, 320)}, disable_compile=True)}
+    pqflex.configure(model, SPARSE.replace(budget=1.0))
+    out["dense"] = generate(model, ids)
+    return out
+
+
+def _rank(rank: int, port: int, path: str, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="pqcache", tp_plan="auto",
+                                                     dtype=torch.float32).eval()
+        attn = model.model.layers[0].self_attn
+        local_kv = attn.k_proj.weight.to_local().shape[0] // attn.head_dim
+        runs = {k: v.tolist() for k, v in _runs(model, prompt(300)).items()}  # no shared tensors: the rank exits
+        result = {"tp_size": model.tp_size, "local_kv_heads": local_kv, **runs}
+    except Exception:  # noqa: BLE001  (the parent reports it)
+        result = {"error": traceback.format_exc()}
+    queue.put((rank, result))
+    dist.destroy_process_group()
+
+
+def test_two_rank_tensor_parallel_generation_equals_one_process(tmp_path):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).save_pretrained(tmp_path)
+    single = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="pqcache", dtype=torch.float32).eval()
+    want = _runs(single, prompt(300))
+    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    assert torch.equal(want["dense"], generate(sdpa, prompt(300)))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path), queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank, got in results.items():
+        assert "error" not in got, got.get("error")
+        assert got["tp_size"] == WORLD and got["local_kv_heads"] == TINY["num_key_value_heads"] // WORLD
+        for run in ("dynamic", "static", "dense"):
+            assert got[run] == want[run].tolist(), (rank, run)
+
+
+def test_tensor_parallel_degree_must_divide_the_kv_heads():
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, "num_key_value_heads": 1}))
+    model._tp_size = 2  # what transformers records for tp_plan="auto" over 2 ranks
+    with pytest.raises(NotImplementedError, match="tp_size=2 ranks splits the 1 KV head\\(s\\).*use tp_size in \\[1\\]"):
+        pqflex.configure(model, SPARSE)
+    with pytest.raises(NotImplementedError, match="tp_size=2"):
+        pqflex.PQCache(model, SPARSE)
