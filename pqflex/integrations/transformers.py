@@ -440,6 +440,12 @@ class _OffloadLayer(StaticLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("pqflex: beam search is not supported with PQConfig(offload=True)")
 
+    def crop(self, max_length: int) -> None:
+        """Forget cached tokens: ``max_length < 0`` removes that many, else keeps the first ``max_length`` (the
+        store forgets them through the cache's PQ state). transformers 5.17's ``StaticLayer`` has no ``crop``."""
+        n = int(self.cumulative_length)
+        self.cumulative_length.fill_(max(n + max_length, 0) if max_length < 0 else min(max_length, n))
+
 
 def pqcache_mask(**kwargs: Any) -> torch.Tensor | None:
     """transformers mask function of ``"pqcache"``: sdpa's mask, or None for an unpadded causal prefill.
