@@ -47,6 +47,12 @@ def sequence_budgets(config: PQConfig, kv_mask: torch.Tensor | None, B: int, N: 
     return start, lengths, [config.resolve_budget(n) for n in lengths]
 
 
+def middle_tokens(start: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor, N: int) -> torch.Tensor:
+    """``[B, N]`` bool: the tokens top-k may select (past each sequence's sink, before its recent window)."""
+    pos = torch.arange(N, device=start.device)
+    return (pos >= (start + sink)[:, None]) & (pos < N - recent[:, None])
+
+
 def training_sample(middle: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Which keys k-means trains on: at most ``cap`` middle tokens of each sequence, an even stride through them.
 
@@ -181,8 +187,7 @@ class PQIndex:
             raise ValueError(f"capacity={capacity} is smaller than the prompt ({N} tokens)")
         start, lengths, budgets = sequence_budgets(config, kv_mask, B, N, device)
         sink, recent, topk = (torch.tensor(col, dtype=torch.long, device=device) for col in list(zip(*budgets))[:3])
-        pos = torch.arange(N, device=device)
-        middle = (pos >= (start + sink)[:, None]) & (pos < N - recent[:, None])  # [B, N]
+        middle = middle_tokens(start, sink, recent, N)
 
         dense = all(b.dense for b in budgets)
         if config.scorer == "exact" or dense:  # nothing to quantize: the oracle scores the keys, dense rows no one
@@ -235,11 +240,8 @@ class PQIndex:
         start, _, budgets = sequence_budgets(config, kv_mask, B, N, key.device)
         if config.scorer == "exact" or all(b.dense for b in budgets):
             return None
-        sink = torch.tensor([b.sink_size for b in budgets], device=key.device)
-        recent = torch.tensor([b.recent_size for b in budgets], device=key.device)
-        pos = torch.arange(N, device=key.device)
-        middle = (pos >= (start + sink)[:, None]) & (pos < N - recent[:, None])
-        order, train_mask = training_sample(middle, config.train_points * config.ksub)
+        sink, recent = (torch.tensor(col, dtype=torch.long, device=key.device) for col in list(zip(*budgets))[:2])
+        order, train_mask = training_sample(middle_tokens(start, sink, recent, N), config.train_points * config.ksub)
         T = order.shape[-1]
         sample = key.gather(2, order[:, None, :, None].expand(B, Hkv, T, D))
         return sample, train_mask[:, None, :].expand(B, Hkv, T)

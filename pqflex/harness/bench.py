@@ -3,7 +3,7 @@
 Speed does not depend on the weights, so each preset builds its model from a config (no download). Methods:
 
 - ``pqcache``: attention ``"pqcache"`` with a :class:`pqflex.PQStaticCache`, decode step compiled;
-- ``pqcache-offload``: the same with ``offload=True``: keys and values in pinned CPU memory, the GPU holding the
+- ``pqcache-offload``: the same with ``offload=True``: keys and values in CPU memory, the GPU holding the
   sink, the recent window, the hot-token cache and the PQ state (:class:`pqflex.OffloadedKV`);
 - ``pqflex-dense``: the same machinery with ``budget=1.0`` (every token attended);
 - ``sdpa-static``: transformers' SDPA with its ``StaticCache``, decode step compiled;

@@ -385,10 +385,9 @@ class PQStaticCache(PQCacheMixin, Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
-        if isinstance(layer, _OffloadLayer):
-            self._check_update(layer, key_states)
-            return layer.store_update(self.pq_state, layer_idx, self.pq_config, key_states, value_states)
         self._check_update(layer, key_states)
+        if isinstance(layer, _OffloadLayer):
+            return layer.store_update(self.pq_state, layer_idx, self.pq_config, key_states, value_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _check_update(self, layer: StaticLayer, key_states: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ and the Triton kernel (one row per program) reads each row from exactly one sour
 costs no PCIe traffic and a miss costs one row over PCIe. The reference (any device) reads both and
 picks, which is exact but moves every row; it serves the CPU, where both sources are host memory anyway.
 
-Measured bearing (H200, torch 2.11, bf16, 256-byte rows from pinned memory, ``.devrun``-style probe recorded in
+Measured bearing (H200, torch 2.11, bf16, 256-byte rows from pinned memory; ``benchmarks/bench_host_memory.py``,
 BENCHMARKS.md): 18 GB/s at 256 rows per head, 47-50 GB/s from 2,048 rows per head up; bulk copies 55 GB/s.
 """
 
