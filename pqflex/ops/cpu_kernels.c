@@ -5,6 +5,7 @@
  *   sparse_attention_f32   attention of the G query heads of a KV head over the listed rows, read by index
  *   pq_encode_f32          nearest centroid of each sub-vector (ties to the lowest index)
  *   decode_step_f32        a whole decode step of PQIndex: the new key's code, the table, pq_select, attention
+ *   kmeans_step_f32        one Lloyd assignment of k-means: nearest centroid, per-cluster sums and counts
  * Strides are in elements; the last dimension of every tensor is contiguous. Indices are trusted (native.py checks
  * them). No allocation escapes a call and no state is kept, so calls from several threads are safe.
  */
@@ -439,5 +440,86 @@ EXPORT int pq_encode_f32(const float *x, int64_t xsl, int64_t xsn, const float *
             if (encode_one(x + l * xsl + i * xsn, centroids + l * M * ksub * dsub, M, ksub, dsub,
                            out + (l * N + i) * M))
                 return 1;
+    return 0;
+}
+
+/* The nearest of ksub centroids to one point x [dsub]: its index (ties to the lowest) and ||c||^2 - 2 x.c for it,
+ * from the transposed centroids ct [dsub, ksub] and their squared norms c_sq [ksub], with acc [ksub] as scratch.
+ * Centroids go in blocks of 32 whose partial sums stay in vector registers over the dsub loop; the minimum is then
+ * taken over 8 lanes (a vector min) and its first index found by one scan. An AVX2+FMA clone is picked at load time
+ * where the processor has it. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=haswell", "default")))
+#endif
+static int64_t nearest_centroid(const float *x, const float *ct, const float *c_sq, int64_t ksub, int64_t dsub,
+                                float *acc, float *best_out) {
+    int64_t j0 = 0;
+    for (; j0 + 32 <= ksub; j0 += 32) {
+        float a[32] = {0.0f};
+        for (int64_t d = 0; d < dsub; d++) {
+            const float xd = x[d], *row = ct + d * ksub + j0;
+            for (int jj = 0; jj < 32; jj++) a[jj] += xd * row[jj];
+        }
+        for (int jj = 0; jj < 32; jj++) acc[j0 + jj] = c_sq[j0 + jj] - 2.0f * a[jj];
+    }
+    for (int64_t j = j0; j < ksub; j++) {
+        float a = 0.0f;
+        for (int64_t d = 0; d < dsub; d++) a += x[d] * ct[d * ksub + j];
+        acc[j] = c_sq[j] - 2.0f * a;
+    }
+    float lane[8] = {INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY, INFINITY};
+    int64_t j = 0;
+    for (; j + 8 <= ksub; j += 8)
+        for (int l = 0; l < 8; l++) lane[l] = acc[j + l] < lane[l] ? acc[j + l] : lane[l];
+    float best = INFINITY;
+    for (int l = 0; l < 8; l++) best = lane[l] < best ? lane[l] : best;
+    for (; j < ksub; j++) best = acc[j] < best ? acc[j] : best;
+    int64_t arg = 0;
+    while (arg < ksub && !(acc[arg] == best)) arg++;
+    *best_out = best;
+    return arg < ksub ? arg : 0;  /* every term NaN: centroid 0 */
+}
+
+/* One Lloyd assignment for problems [lo, hi) of x [L, N, dsub] (points rows xs apart, problems xl apart) with
+ * weights w [L, N] and centroids c [L, ksub, dsub]: sums [L, ksub, dsub] and counts [L, ksub] of the weighted points
+ * of each cluster (overwritten) and dist [L, N], each point's squared distance ||x||^2 + ||c||^2 - 2 x.c to its
+ * nearest centroid (ties to the lowest index), as reference.kmeans's step. Points of weight 0 are skipped (their
+ * dist is 0: the caller masks them). Returns 1 if out of memory. */
+EXPORT int kmeans_step_f32(const float *x, int64_t xl, int64_t xs, const float *w, const float *c, int64_t lo,
+                           int64_t hi, int64_t N, int64_t ksub, int64_t dsub, float *sums, float *counts,
+                           float *dist) {
+    float *ct = malloc(sizeof(float) * (size_t)(dsub * ksub + 2 * ksub));
+    if (ct == NULL) return 1;
+    float *c_sq = ct + dsub * ksub, *acc = c_sq + ksub;
+    for (int64_t l = lo; l < hi; l++) {
+        const float *cl = c + l * ksub * dsub;
+        float *sl = sums + l * ksub * dsub, *nl = counts + l * ksub;
+        for (int64_t j = 0; j < ksub; j++) {
+            float s = 0.0f;
+            for (int64_t d = 0; d < dsub; d++) {
+                ct[d * ksub + j] = cl[j * dsub + d];
+                s += cl[j * dsub + d] * cl[j * dsub + d];
+            }
+            c_sq[j] = s;
+            nl[j] = 0.0f;
+        }
+        for (int64_t i = 0; i < ksub * dsub; i++) sl[i] = 0.0f;
+        for (int64_t n = 0; n < N; n++) {
+            const float wn = w[l * N + n], *xn = x + l * xl + n * xs;
+            if (wn == 0.0f) {
+                dist[l * N + n] = 0.0f;
+                continue;
+            }
+            float best, x_sq = 0.0f;
+            const int64_t arg = nearest_centroid(xn, ct, c_sq, ksub, dsub, acc, &best);
+            for (int64_t d = 0; d < dsub; d++) {
+                sl[arg * dsub + d] += wn * xn[d];
+                x_sq += xn[d] * xn[d];
+            }
+            nl[arg] += wn;
+            dist[l * N + n] = best + x_sq;
+        }
+    }
+    free(ct);
     return 0;
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pqflex.ops import reference
+from pqflex.ops import native, reference
 from pqflex.ops.pq_encode import _nearest_tile
 
 try:
@@ -101,6 +101,15 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, se
     """``torch.ops.pqflex.kmeans``: :func:`pqflex.ops.reference.kmeans` on any device, Triton on CUDA (ksub >= 16)."""
     _check(x, mask, ksub, niter)
     return reference.kmeans(x, mask, ksub, niter, seed, tol)
+
+
+@kmeans.register_kernel("cpu")
+def _kmeans_cpu(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
+                tol: float = 0.0) -> torch.Tensor:
+    _check(x, mask, ksub, niter)
+    if native.library() is None:
+        return reference.kmeans(x, mask, ksub, niter, seed, tol)
+    return native.kmeans(x, mask, ksub, niter, seed, tol, threads=torch.get_num_threads())
 
 
 @kmeans.register_kernel("cuda")

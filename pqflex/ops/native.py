@@ -13,6 +13,7 @@ run the reference. ``PQFLEX_NATIVE=0`` turns the kernels off. The kernels are ch
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -26,6 +27,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from pqflex.ops import reference
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-fvisibility=hidden")
@@ -67,6 +70,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                     + [_f32, _ptr, _i64, _i64, _ptr])
     lib.pq_encode_f32.restype = ctypes.c_int
     lib.pq_encode_f32.argtypes = [_ptr, _i64, _i64, _ptr] + [_i64] * 5 + [_ptr]
+    lib.kmeans_step_f32.restype = ctypes.c_int
+    lib.kmeans_step_f32.argtypes = [_ptr, _i64, _i64, _ptr, _ptr] + [_i64] * 5 + [_ptr] * 3
     return lib
 
 
@@ -187,3 +192,37 @@ def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(L, N, M, dtype=torch.uint8)
     bad = library().pq_encode_f32(_p(x), x.stride(0), x.stride(1), _p(centroids), L, N, M, ksub, dsub, _p(out))
     return None if bad else out
+
+
+
+def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0, tol: float = 0.0,
+           threads: int = 1) -> torch.Tensor:
+    """:func:`pqflex.ops.reference.kmeans` with the Lloyd assignment in C, the ``L`` problems split over ``threads``
+    threads (the C call releases the GIL). Each problem is summed by one thread in point order, so the result does
+    not depend on ``threads``; it equals the reference up to float rounding of the distances (a near-tie can go to
+    the other centroid)."""
+    L, N, dsub = x.shape
+    w = reference.kmeans_weights(x, mask).contiguous()
+    xf = torch.where(w[..., None] > 0, x.float(), 0.0).contiguous()
+    lib = library()
+    parts = max(1, min(L, threads))
+    bounds = [(L * i // parts, L * (i + 1) // parts) for i in range(parts)]
+
+    def step(centroids: torch.Tensor):
+        c = centroids.contiguous()
+        sums, counts, dist = torch.empty(L, ksub, dsub), torch.empty(L, ksub), torch.empty(L, N)
+
+        def run(part: tuple[int, int]) -> int:
+            return lib.kmeans_step_f32(_p(xf), xf.stride(0), xf.stride(1), _p(w), _p(c), *part, N, ksub, dsub,
+                                       _p(sums), _p(counts), _p(dist))
+
+        if any(pool.map(run, bounds) if pool is not None else map(run, bounds)):
+            raise MemoryError(f"kmeans: out of memory for {ksub} centroids of {dsub} dims")
+        return sums, counts, dist
+
+    pool = concurrent.futures.ThreadPoolExecutor(parts, thread_name_prefix="pqflex-lloyd") if parts > 1 else None
+    try:
+        return reference.lloyd(xf, w, ksub, niter, seed, tol, step)
+    finally:
+        if pool is not None:
+            pool.shutdown()
