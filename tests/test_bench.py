@@ -1,8 +1,15 @@
-"""`pqflex bench` smoke test on the CPU: the tiny preset, every method, JSON and table output."""
+"""`pqflex bench` smoke test on the CPU: the tiny preset, every method, JSON and table output; tensor parallelism
+(``--tp``) on two ranks; an out-of-memory error recorded as a row."""
 
 import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from pqflex.harness import bench
 from pqflex.harness.cli import main
@@ -20,7 +27,7 @@ def test_bench_tiny_preset_runs_every_method(tmp_path, capsys):
     assert [r["budget"] for r in data["results"]] == [0.1, 0.1, 1.0, 1.0, 1.0]
     offload = data["results"][1]
     assert 0 < offload["kv_gib"] < data["results"][0]["kv_gib"] and 0 <= offload["hit_rate"] <= 1
-    assert data["environment"]["torch"] and "| tiny | pqcache | 1 | 1200 |" in capsys.readouterr().out
+    assert data["environment"]["torch"] and "| tiny | pqcache | 1 | 1 | 1200 |" in capsys.readouterr().out
     assert main(["bench", "--from-json", str(out)]) == 0  # re-print an earlier run
 
 
@@ -46,3 +53,88 @@ def test_presets_have_real_shapes(preset):
     if preset == "llama-3.1-8b":
         assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
             32, 32, 8, 128)
+    if preset == "llama-3.1-70b":
+        assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+                cfg.num_key_value_heads, cfg.head_dim) == (8192, 28672, 80, 64, 8, 128)
+
+
+# A sitecustomize for every Python process of the TP run (PYTHONPATH): rank 1 alone runs out of memory in the sdpa
+# method, after the model's runs (as in the per-layer attention timing, which has no collectives; an OOM on one rank
+# before a collective the others enter cannot be recovered, bench's docstring says so). It takes its variable out
+# of the environment at once, so that the compile workers the rank spawns do not import all this too.
+_OOM_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1" and os.environ.pop("PQFLEX_TEST_OOM", None):
+    import torch
+    from pqflex.harness import bench
+    real = bench.measure
+    def measure(args, method, *rest):
+        r = real(args, method, *rest)
+        if method == "sdpa":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated on rank 1)")
+        return r
+    bench.measure = measure
+"""
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                 reason="tp_plan='auto' puts the ranks on the GPUs")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                                    reason="needs 2 CUDA devices")]),
+])
+def test_bench_tensor_parallel_two_ranks(tmp_path, device):
+    (tmp_path / "sitecustomize.py").write_text(_OOM_ON_RANK_1)
+    out = tmp_path / "bench.json"
+    # sitecustomize imports pqflex before `-m` puts the working directory on the path: name this checkout's first.
+    path = [str(tmp_path), str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path)), "PQFLEX_TEST_OOM": "1"}
+    run = subprocess.run([sys.executable, "-m", "pqflex.harness.cli", "bench", "--tp", "2", "--preset", "tiny",
+                          "--device", device, "--contexts", "64", "--methods", "pqcache,sdpa-static,sdpa",
+                          "--new-tokens", "2", "--warmup", "1", "--no-generate", "--no-layer-attention", "--json",
+                          str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["tp"]) for r in rows] == [("pqcache", 2), ("sdpa-static", 2), ("sdpa", 2)]
+    for r in rows[:2]:
+        assert math.isfinite(r["tpot_ms"]) and r["tpot_ms"] > 0 and r["error"] is None
+        assert len(r["peak_gib_ranks"]) == 2
+    assert rows[2]["error"] == "out of memory" and math.isnan(rows[2]["tpot_ms"])  # rank 0 follows rank 1's OOM
+    assert run.stdout.count("| tiny | pqcache | 2 | 1 | 64 |") == 1  # rank 0 alone prints
+    assert "| tiny | sdpa | 2 | 1 | 64 | 1.0 | OOM | OOM |" in run.stdout
+
+
+def test_bench_tp_must_divide_the_heads_before_any_launch(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "launch", lambda *a: pytest.fail("launched"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--tp", "3", "--preset", "tiny", "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert "--tp 3 does not divide the 8 attention and 2 KV heads of tiny; allowed: [1, 2]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"allowed: \[1, 2, 4, 8\]"):
+        bench.check_tp("llama-3.1-70b", 16)
+
+
+def test_bench_tp_must_match_the_launchers_world_size(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        main(["bench", "--tp", "2", "--preset", "tiny"])
+    assert "--tp 2 but the launcher started WORLD_SIZE=4 processes" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    real = bench.run_method
+
+    def run_method(preset, method, *args, **kwargs):
+        if method == "pqcache":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(preset, method, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_method", run_method)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--contexts", "64", "--methods", "pqcache,sdpa",
+                 "--new-tokens", "2", "--warmup", "1", "--no-generate", "--json", str(out)]) == 0
+    oom, sdpa = json.loads(out.read_text())["results"]
+    assert oom["error"] == "out of memory" and math.isnan(oom["tpot_ms"]) and oom["steps"] == 0
+    assert sdpa["error"] is None and sdpa["tpot_ms"] > 0
+    assert "| tiny | pqcache | 1 | 1 | 64 | 0.1 | OOM | OOM |" in capsys.readouterr().out
+    assert main(["bench", "--from-json", str(out)]) == 0  # an OOM row reads back

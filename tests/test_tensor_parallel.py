@@ -1,8 +1,9 @@
 """Tensor parallelism through transformers (``tp_plan="auto"``): each rank runs pqcache over its own KV heads.
 
-Two processes on the CPU with the gloo backend (transformers maps the CPU to gloo): a random-weight Llama saved to a
-directory, loaded with ``tp_plan="auto"`` on each rank; greedy generation must equal the single-process run, with
-the adopted ``DynamicCache`` and with a ``PQStaticCache``, and a budget covering the context must equal SDPA.
+Two processes on the CPU with the gloo backend (transformers maps the CPU to gloo), and on two GPUs with nccl (marked
+``gpu``): a random-weight Llama saved to a directory, loaded with ``tp_plan="auto"`` on each rank; greedy generation
+must equal the single-process run, with the adopted ``DynamicCache`` and with a ``PQStaticCache``, and a budget
+covering the context must equal SDPA.
 """
 
 import socket
@@ -36,20 +37,24 @@ def _runs(model, ids) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rank(rank: int, port: int, path: str, queue) -> None:
+def _rank(rank: int, port: int, path: str, queue, backend: str) -> None:
     import os
 
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    device = "cpu" if backend == "gloo" else f"cuda:{rank}"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=WORLD)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="pqcache", tp_plan="auto",
                                                      dtype=torch.float32).eval()
         attn = model.model.layers[0].self_attn
         local_kv = attn.k_proj.weight.to_local().shape[0] // attn.head_dim
-        runs = {k: v.tolist() for k, v in _runs(model, prompt(300)).items()}  # no shared tensors: the rank exits
+        ids = prompt(300).to(device)
+        runs = {k: v.tolist() for k, v in _runs(model, ids).items()}  # no shared tensors: the rank exits
         result = {"tp_size": model.tp_size, "local_kv_heads": local_kv, **runs}
     except Exception:  # noqa: BLE001  (the parent reports it)
         result = {"error": traceback.format_exc()}
@@ -57,17 +62,26 @@ def _rank(rank: int, port: int, path: str, queue) -> None:
     dist.destroy_process_group()
 
 
-def test_two_rank_tensor_parallel_generation_equals_one_process(tmp_path):
+@pytest.mark.parametrize("backend", [
+    "gloo",
+    pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        torch.cuda.device_count() < WORLD, reason=f"nccl needs {WORLD} CUDA devices")]),
+])
+def test_two_rank_tensor_parallel_generation_equals_one_process(tmp_path, backend):
+    device = "cpu" if backend == "gloo" else "cuda:0"  # nccl: rank r on cuda:r, the one-process run on cuda:0
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).save_pretrained(tmp_path)
-    single = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="pqcache", dtype=torch.float32).eval()
-    want = _runs(single, prompt(300))
-    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa", dtype=torch.float32).eval()
-    assert torch.equal(want["dense"], generate(sdpa, prompt(300)))
+    single = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="pqcache",
+                                                  dtype=torch.float32).to(device).eval()
+    ids = prompt(300).to(device)
+    want = _runs(single, ids)
+    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa",
+                                                dtype=torch.float32).to(device).eval()
+    assert torch.equal(want["dense"], generate(sdpa, ids))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path), queue)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path), queue, backend)) for r in range(WORLD)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=600) for _ in procs)

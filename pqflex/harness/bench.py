@@ -15,16 +15,42 @@ the warm-up steps), the decode attention time of one layer at that context (a CU
 method's attention step; dense SDPA for the sdpa methods), peak GPU memory, card and versions; and TTFT and TPOT
 as a user sees them, through ``model.generate()`` with a timestamp at every token (:func:`run_generate`:
 generate compiles the static caches' decode step itself, with CUDA graphs on CUDA).
+
+``--tp N`` measures the same methods with the model sharded over ``N`` ranks by transformers' own tensor
+parallelism, the way users run it: ``from_pretrained(path, tp_plan="auto")`` under ``torchrun``. Without a launcher
+the bench starts one (:func:`launch`: ``torch.distributed.run --standalone``, ``N`` local processes). Rank 0 writes
+a stub checkpoint (the preset's config and one small tensor, :func:`write_stub_checkpoint`); every rank loads it and
+transformers initializes the missing weights randomly, each rank only its own shard on its own device, so the whole
+model never exists in one process. Every rank runs every step (decode steps compiled as above; on the CPU the
+compiled step runs with gloo's all-reduces in the graph, checked with transformers 5.17 and 5.24); rank 0's times
+are reported, memory is reported per rank, and only rank 0 prints and writes files.
+
+An out-of-memory error in one method and context is recorded as a row (``error="out of memory"``, times NaN, shown
+as OOM) and the sweep goes on. Under TP each rank catches its own error, then the ranks all-reduce a failure flag
+so that all of them record the OOM. Limitation: an OOM on some ranks only, before a collective that the others then
+enter (the model's all-reduces, in every forward), leaves the collectives unpaired: the failed ranks' flag meets the
+others' all-reduce of activations. gloo then aborts a rank (seen on the CPU), nccl waits until the process group's
+timeout; either way ``torchrun`` stops every rank and the sweep ends there (``--json`` keeps the rows before). Ranks
+hold equal shards and run the same shapes, so an OOM normally strikes all of them at the same allocation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import gc
 import json
+import math
+import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,11 +80,17 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": ("llama", dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=8, num_key_value_heads=2, head_dim=16,
                            max_position_embeddings=16384)),
+    "llama-3.1-70b": ("llama", dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                    num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                                    head_dim=128, max_position_embeddings=131072, rope_theta=500000.0)),
 }
 
 
 @dataclasses.dataclass
 class Result:
+    """One row: rank 0's times; under TP, ``kv_gib`` and ``peak_gib`` are rank 0's (its shard of the heads) and
+    ``peak_gib_ranks`` has every rank's peak. ``error`` says why a row has no times (``"out of memory"``)."""
+
     preset: str
     method: str
     batch: int
@@ -74,6 +106,9 @@ class Result:
     kv_gib: float | None = None  # key/value state on the device: dense buffers, or offload's GPU rows + PQ state
     hit_rate: float | None = None  # offload: hot-cache hits per selected token over the timed run
     cache_setup_s: float | None = None  # creating the cache (offload: allocating and registering CPU memory)
+    tp: int = 1  # tensor-parallel ranks
+    peak_gib_ranks: list[float | None] | None = None  # peak GPU memory of every rank (TP only)
+    error: str | None = None
 
 
 def model_config(preset: str):
@@ -94,6 +129,128 @@ def build_model(preset: str, attn: str, dtype: torch.dtype, device: str):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(model_config(preset), attn_implementation=attn, dtype=dtype)
     return model.eval()
+
+
+def check_tp(preset: str, tp: int) -> None:
+    """Raise ``ValueError`` unless ``tp`` ranks split the preset's attention and KV heads into whole heads."""
+    cfg = model_config(preset)
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    allowed = [d for d in range(1, math.gcd(H, Hkv) + 1) if H % d == 0 and Hkv % d == 0]
+    if tp not in allowed:
+        raise ValueError(f"--tp {tp} does not divide the {H} attention and {Hkv} KV heads of {preset}; "
+                         f"allowed: {allowed}")
+
+
+def write_stub_checkpoint(preset: str, path: str) -> None:
+    """A checkpoint directory of the preset's shape holding one small tensor (the final norm's weight):
+    ``from_pretrained`` initializes every missing weight randomly, under TP each rank only its own shard."""
+    from safetensors.torch import save_file
+
+    cfg = model_config(preset)
+    cfg.save_pretrained(path)
+    save_file({"model.norm.weight": torch.ones(cfg.hidden_size)}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def load_sharded(path: str, attn: str, dtype: torch.dtype):
+    """The stub checkpoint at ``path`` loaded with ``tp_plan="auto"`` (this rank's shard, on its device)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its load report lists every weight as missing: the stub's whole point
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    try:
+        with warnings.catch_warnings():
+            # transformers >= 5.17 prefers distributed_config=DistributedConfig(...); tp_plan is what users write.
+            warnings.filterwarnings("ignore", message=".*tp_plan.*", category=FutureWarning)
+            model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", attn_implementation=attn, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model.eval()
+
+
+@contextlib.contextmanager
+def stub_checkpoint(preset: str) -> Iterator[str]:
+    """Rank 0 writes the preset's stub checkpoint in a temporary directory, the other ranks get its path (one
+    host: the ranks of ``torchrun --standalone``); removed when the block ends."""
+    import torch.distributed as dist
+
+    path = [tempfile.mkdtemp(prefix="pqflex-bench-") if dist.get_rank() == 0 else None]
+    try:
+        if dist.get_rank() == 0:
+            write_stub_checkpoint(preset, path[0])
+        dist.broadcast_object_list(path, src=0)
+        yield path[0]
+    finally:
+        if dist.get_rank() == 0:
+            shutil.rmtree(path[0], ignore_errors=True)
+
+
+def launch(argv: list[str], tp: int) -> int:
+    """Run ``pqflex <argv>`` on ``tp`` local processes with torch's launcher; its exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
+               "-m", "pqflex.harness.cli", *argv]
+    print(" ".join(command), flush=True)
+    return subprocess.run(command).returncode
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[str]:
+    """This rank's process group (nccl on CUDA, gloo on the CPU) for the block; yields this rank's device."""
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if device.startswith("cuda"):
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def prompt_ids(vocab: int, batch: int, context: int, device: str, seed: int) -> torch.Tensor:
+    """Random token ids ``[batch, context]`` from a generator seeded with ``seed`` on ``device``."""
+    return torch.randint(0, vocab, (batch, context), device=device,
+                         generator=torch.Generator(device=device).manual_seed(seed))
+
+
+def check_same_prompt(vocab: int, device: str) -> None:
+    """Raise ``RuntimeError`` unless every rank draws the same prompt from the seeded generator (every rank must
+    call it). Checked once before the sweep rather than broadcast in each run: a collective inside a run would pair
+    with another rank's failure flag when one rank runs out of memory before it."""
+    ids = prompt_ids(vocab, 1, 256, device, seed=0).tolist()
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, ids)
+    if any(other != ids for other in every):
+        raise RuntimeError("the ranks' seeded generators drew different prompts; TP needs the same prompt on each")
+
+
+def any_rank(flag: bool, device: str) -> bool:
+    """Whether ``flag`` holds on any rank (every rank must call it)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _sync(device: str) -> None:
@@ -125,16 +282,17 @@ def graph_time_us(fn, replays: int = 200) -> float:
 
 
 def layer_attention_us(preset: str, method: str, batch: int, context: int, budget, dtype: torch.dtype,
-                       options: dict[str, Any] | None = None) -> float:
+                       options: dict[str, Any] | None = None, tp: int = 1) -> float:
     """Decode attention time of one layer at ``context`` tokens (CUDA only): the method's whole attention step.
 
     ``options``: further :class:`pqflex.PQConfig` settings of the pqcache methods (backend, selection, ...).
+    ``tp``: tensor-parallel ranks; the step runs over one rank's heads.
     """
     from pqflex import PQConfig, PQIndex
 
     cfg = model_config(preset)
-    Hkv, H = cfg.num_key_value_heads, cfg.num_attention_heads
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    Hkv, H = cfg.num_key_value_heads // tp, cfg.num_attention_heads // tp
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     cap = -(-(context + 1) // 128) * 128
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(batch, H, 1, D, device="cuda", dtype=dtype, generator=g)
@@ -183,8 +341,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
     if method in COMPILED:
         mode = "reduce-overhead" if device.startswith("cuda") else None
         forward = torch.compile(model.forward, fullgraph=True, dynamic=False, mode=mode)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device,
-                        generator=torch.Generator(device=device).manual_seed(0))
+    ids = prompt_ids(model.config.vocab_size, batch, context, device, seed=0)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -211,10 +368,15 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
-    shown = 1.0 if method in ("pqflex-dense", "sdpa", "sdpa-static") else budget
     kv, hits = cache_stats(cache)
-    return Result(preset, method, batch, context, shown, ttft, statistics.median(times) * 1e3, None, peak,
-                  len(times), kv_gib=kv, hit_rate=hits, cache_setup_s=setup)
+    return Result(preset, method, batch, context, shown_budget(method, budget), ttft, statistics.median(times) * 1e3,
+                  None, peak, len(times), kv_gib=kv, hit_rate=hits, cache_setup_s=setup,
+                  tp=getattr(model, "tp_size", None) or 1)
+
+
+def shown_budget(method: str, budget: float | int) -> float | int:
+    """The budget a row reports: 1.0 for the methods that attend to every token."""
+    return 1.0 if method in ("pqflex-dense", "sdpa", "sdpa-static") else budget
 
 
 def cache_config(method: str, config):
@@ -264,8 +426,7 @@ def run_generate(model, method: str, batch: int, context: int, new_tokens: int, 
             method, pqflex.get_config(model)), max_batch_size=batch)  # offload: CPU memory allocated here
     elif method == "sdpa-static":
         kwargs["cache_implementation"] = "static"
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device,
-                        generator=torch.Generator(device=device).manual_seed(1))
+    ids = prompt_ids(model.config.vocab_size, batch, context, device, seed=1)
     stamps = _Stamps(device)
     n = warmup + new_tokens
     with torch.no_grad():
@@ -295,16 +456,18 @@ def environment(device: str) -> dict[str, str]:
 
 
 def table(results: list[Result]) -> str:
-    head = ("| preset | method | batch | context | budget | TTFT s | TPOT ms | generate TTFT s | generate TPOT ms "
+    head = ("| preset | method | tp | batch | context | budget | TTFT s | TPOT ms | generate TTFT s | generate TPOT ms "
             "| attn µs/layer | peak GiB | KV GiB on device | hot hits |")
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
     for r in results:
-        lines.append(f"| {r.preset} | {r.method} | {r.batch} | {r.context} | {r.budget} | {r.ttft_s:.3f} | "
-                     f"{r.tpot_ms:.2f} | {fmt(r.gen_ttft_s, '.3f')} | {fmt(r.gen_tpot_ms, '.2f')} | "
+        oom = "OOM" if r.error == "out of memory" else r.error
+        times = (f"{oom} | {oom} | " if r.error else f"{r.ttft_s:.3f} | {r.tpot_ms:.2f} | ")
+        lines.append(f"| {r.preset} | {r.method} | {r.tp} | {r.batch} | {r.context} | {r.budget} | {times}"
+                     f"{fmt(r.gen_ttft_s, '.3f')} | {fmt(r.gen_tpot_ms, '.2f')} | "
                      f"{fmt(r.attn_layer_us, '.1f')} | {fmt(r.peak_gib, '.1f')} | {fmt(r.kv_gib, '.2f')} | "
                      f"{fmt(r.hit_rate, '.1%')} |")
     return "\n".join(lines)
@@ -320,6 +483,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     except ImportError as e:
         raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from e
     fig, ax = plt.subplots(figsize=(6, 4))
+    results = [r for r in results if not r.get("error")]
     for key in sorted({(r["method"], r["batch"]) for r in results}):
         pts = sorted((r["context"], r["tpot_ms"]) for r in results if (r["method"], r["batch"]) == key)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} (batch {key[1]})")
@@ -337,50 +501,114 @@ def device_and_dtype(args) -> tuple[str, torch.dtype]:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu"), DTYPES[args.dtype]
 
 
+def measure(args, method: str, batch: int, context: int, model, device: str, dtype: torch.dtype,
+            options: dict[str, Any]) -> Result:
+    """One row of the sweep: :func:`run_method`, then (unless switched off) :func:`run_generate` and
+    :func:`layer_attention_us`."""
+    r = run_method(args.preset, method, batch, context, args.budget, args.new_tokens, args.warmup, dtype, device,
+                   options, model=model)
+    if not args.no_generate:
+        r.gen_ttft_s, r.gen_tpot_ms = run_generate(model, method, batch, context, args.new_tokens, args.warmup,
+                                                   device)
+    if device.startswith("cuda") and not args.no_layer_attention and method != "pqcache-offload":
+        r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, args.budget, dtype, options, r.tp)
+    return r
+
+
+def free_memory(device: str) -> None:
+    """Release what a failed run left: compiled graphs (and their CUDA graph pools), then cached blocks."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def main(args) -> int:
-    """Entry point of ``pqflex bench`` (arguments parsed in :mod:`pqflex.harness.cli`)."""
+    """Entry point of ``pqflex bench`` (arguments parsed in :mod:`pqflex.harness.cli`).
+
+    With ``args.tp > 1`` and no launcher (``WORLD_SIZE`` unset) it relaunches itself on ``args.tp`` processes
+    (``args.argv``: the command line) and returns their exit code; under a launcher each rank runs the sweep.
+    """
     from pqflex import PQConfig
 
     if args.from_json:
         with open(args.from_json) as f:
             data = json.load(f)
         results = [Result(**r) for r in data["results"]]
-    else:
-        device, dtype = device_and_dtype(args)
-        model_config(args.preset)  # bad preset names raise before any work
-        options = dict(args.pq, selection=args.selection, block_size=args.block_size)
-        if args.backend is not None:
-            options["backend"] = args.backend
-        PQConfig(**{**options, "budget": args.budget})  # bad settings raise before any work
-        results, models = [], {}
-        print("\n".join(table([]).splitlines()[:2]), flush=True)  # the header once; each row as it is measured
-        for batch in args.batch:
-            for context in args.contexts:
-                for method in args.methods:
-                    attn = "pqcache" if method in PQ_METHODS else "sdpa"
-                    if attn not in models:  # one model per attention implementation, reused across runs
-                        models.clear()
-                        torch._dynamo.reset()
-                        models[attn] = build_model(args.preset, attn, dtype, device)
-                    r = run_method(args.preset, method, batch, context, args.budget, args.new_tokens, args.warmup,
-                                   dtype, device, options, model=models[attn])
-                    if not args.no_generate:
-                        r.gen_ttft_s, r.gen_tpot_ms = run_generate(models[attn], method, batch, context,
-                                                                   args.new_tokens, args.warmup, device)
-                    if device.startswith("cuda") and not args.no_layer_attention and method != "pqcache-offload":
-                        r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, args.budget,
-                                                             dtype, options)
-                    results.append(r)
-                    print(table([r]).splitlines()[-1], flush=True)
-                    data = {"environment": environment(device), "dtype": args.dtype,
-                            **dataclasses.asdict(PQConfig(**{**options, "budget": args.budget})),
-                            "results": [dataclasses.asdict(r) for r in results]}
-                    if args.json:  # rewritten after every run, so a long sweep keeps what it measured
-                        with open(args.json, "w") as f:
-                            json.dump(data, f, indent=1)
-    if args.from_json:
         print(table(results))
-    print(" ".join(f"{k}={v}" for k, v in data["environment"].items()))
-    if args.plot:
-        plot(data["results"], args.plot)
+        print(" ".join(f"{k}={v}" for k, v in data["environment"].items()))
+        if args.plot:
+            plot(data["results"], args.plot)
+        return 0
+    device, dtype = device_and_dtype(args)
+    tp = args.tp
+    check_tp(args.preset, tp)  # bad presets and degrees raise before any work
+    options = dict(args.pq, selection=args.selection, block_size=args.block_size)
+    if args.backend is not None:
+        options["backend"] = args.backend
+    PQConfig(**{**options, "budget": args.budget})  # bad settings raise before any work
+    world = os.environ.get("WORLD_SIZE")
+    if tp > 1 and device == "cpu" and torch.cuda.is_available():
+        raise ValueError(f"--tp {tp} runs on the GPUs (transformers' tp_plan='auto' takes the accelerator); "
+                         "--device cpu with --tp needs a machine without CUDA (or CUDA_VISIBLE_DEVICES='')")
+    if tp > 1 and world is None:
+        return launch(args.argv, tp)
+    if int(world or 1) != tp:
+        raise ValueError(f"--tp {tp} but the launcher started WORLD_SIZE={world} processes; "
+                         f"launch --nproc-per-node {tp} (or leave --tp out under a launcher of 1)")
+    with contextlib.ExitStack() as stack:
+        if tp == 1:
+            load = functools.partial(build_model, args.preset, dtype=dtype, device=device)
+        else:
+            device = stack.enter_context(process_group(device))
+            load = functools.partial(load_sharded, stack.enter_context(stub_checkpoint(args.preset)), dtype=dtype)
+        sweep(args, device, dtype, options, load)
     return 0
+
+
+def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) -> list[Result]:
+    """Every (batch, context, method) of the command; ``load(attn)`` builds or loads the model of an attention
+    implementation. Rank 0 prints each row as it is measured and rewrites ``--json`` after each."""
+    from pqflex import PQConfig
+
+    lead = _rank() == 0
+    if _distributed():
+        check_same_prompt(model_config(args.preset).vocab_size, device)
+    results, models = [], {}
+    if lead:
+        print("\n".join(table([]).splitlines()[:2]), flush=True)  # the header once; each row as it is measured
+    for batch in args.batch:
+        for context in args.contexts:
+            for method in args.methods:
+                attn = "pqcache" if method in PQ_METHODS else "sdpa"
+                if attn not in models:  # one model per attention implementation, reused across runs
+                    models.clear()
+                    torch._dynamo.reset()
+                    models[attn] = load(attn)
+                tp = getattr(models[attn], "tp_size", None) or 1
+                try:
+                    r = measure(args, method, batch, context, models[attn], device, dtype, options)
+                except torch.cuda.OutOfMemoryError:
+                    r = None
+                if any_rank(r is None, device):  # every rank records the OOM, whichever ranks had it
+                    r = Result(args.preset, method, batch, context, shown_budget(method, args.budget), math.nan,
+                               math.nan, None, None, 0, tp=tp, error="out of memory")
+                    free_memory(device)
+                if tp > 1:
+                    r.peak_gib_ranks = [None] * tp
+                    torch.distributed.all_gather_object(r.peak_gib_ranks, r.peak_gib)
+                results.append(r)
+                if not lead:
+                    continue
+                print(table([r]).splitlines()[-1], flush=True)
+                data = {"environment": environment(device), "dtype": args.dtype,
+                        **dataclasses.asdict(PQConfig(**{**options, "budget": args.budget})),
+                        "results": [dataclasses.asdict(r) for r in results]}
+                if args.json:  # rewritten after every run, so a long sweep keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump(data, f, indent=1)
+    if lead:
+        print(" ".join(f"{k}={v}" for k, v in environment(device).items()))
+        if args.plot:
+            plot([dataclasses.asdict(r) for r in results], args.plot)
+    return results

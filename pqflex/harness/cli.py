@@ -12,7 +12,7 @@ from pqflex import METHODS, PQConfig
 from pqflex.harness.suite import TASKS
 
 BENCH_METHODS = ("pqcache", "pqcache-offload", "pqflex-dense", "sdpa-static", "sdpa")
-PRESETS = ("llama-3.1-8b", "mistral-7b", "qwen2.5-7b", "smollm2-135m", "tiny")
+PRESETS = ("llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2.5-7b", "smollm2-135m", "tiny")
 
 
 def _budget(text: str) -> float | int:
@@ -141,6 +141,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     bench.add_argument("--warmup", type=int, default=5, help="decode steps before timing (compile, CUDA graphs)")
     bench.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                        help="default: bf16 on CUDA, fp32 on the CPU")
+    bench.add_argument("--tp", type=int, default=1,
+                       help="tensor-parallel ranks: the model sharded by transformers' tp_plan='auto' (relaunches "
+                            "itself under torch.distributed.run unless already under a launcher)")
     bench.add_argument("--no-layer-attention", action="store_true", help="skip the per-layer attention timing")
     bench.add_argument("--no-generate", action="store_true",
                        help="skip the TTFT/TPOT measurement through model.generate()")
@@ -173,6 +176,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 def main(argv: list[str] | None = None) -> int:
     parser, commands = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `bench --tp N` relaunches the same command
     sub = commands[args.command]  # errors in the command's own words
     if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
         sub.error("--plot needs matplotlib: pip install 'pqflex[plot]'")
