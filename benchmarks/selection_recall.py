@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", default=",".join(f"{M}x{b}" for M, b in FRONTIER),
                         help="PQ settings MxNBITS, comma-separated (default: M in 2,4,8,16 x nbits in 4,6,8)")
     parser.add_argument("--budget", type=float, default=0.1, help="PQConfig.budget (fraction of the prompt)")
-    parser.add_argument("--niter", type=int, default=10, help="k-means iterations (PQConfig.niter; library: 20)")
+    parser.add_argument("--niter", type=int, default=10, help="k-means iterations (PQConfig.niter)")
+    parser.add_argument("--train-points", type=int, default=64,
+                        help="k-means trains on at most this many keys per centroid (PQConfig.train_points)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write every per-layer number here")
     args = parser.parse_args(argv)
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--prompts needs one int >= 1 or one per length ({len(lengths)}), got {args.prompts!r}")
     tasks = [t for t in args.tasks.split(",") if t]
     settings = parse_settings(args.settings)
-    configs = {f"{M}x{b}": PQConfig(M=M, nbits=b, budget=args.budget, niter=args.niter) for M, b in settings}
+    configs = {f"{M}x{b}": PQConfig(M=M, nbits=b, budget=args.budget, niter=args.niter,
+                                         train_points=args.train_points) for M, b in settings}
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -271,14 +274,15 @@ def main(argv: list[str] | None = None) -> None:
             "model": "SmolLM2-135M-Instruct (embedded GGUF, fp32, CPU)",
             "torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "budget": args.budget, "niter": args.niter, "tasks": tasks, "lengths": lengths, "prompts": prompts,
+            "budget": args.budget, "niter": args.niter, "train_points": args.train_points, "tasks": tasks, "lengths": lengths, "prompts": prompts,
             "config": {k: v for k, v in next(iter(configs.values())).__dict__.items() if k not in ("M", "nbits")},
             "samples": samples_info, "wall_s": wall, "results": results, "table": table,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nwall time {wall:.0f}s; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{cpu_name()} ({torch.get_num_threads()} threads); budget {args.budget}, niter {args.niter}")
+          f"{cpu_name()} ({torch.get_num_threads()} threads); budget {args.budget}, niter {args.niter}, "
+          f"train_points {args.train_points}")
     print(table)
 
 

@@ -80,6 +80,10 @@ class PQConfig:
         tol: stop k-means early when the mean squared centroid shift falls below ``tol`` times the data variance;
             ``0.0`` runs exactly ``niter`` iterations with no host synchronization.
         kmeans_device: ``"auto"`` trains where the keys are; ``"cpu"`` trains on the CPU.
+        cpu_niter: Lloyd iterations of k-means on the CPU beside a GPU prefill (``kmeans_device="cpu"`` with a
+            CUDA :class:`pqflex.PQStaticCache`), in place of ``niter``.
+        cpu_train_points: ``train_points`` of that CPU k-means. Each layer's job must keep pace with the GPU's
+            prefill of a layer; the defaults do a quarter of the GPU build's work (BENCHMARKS.md "CPU k-means").
         backend: how a decode step attends its tokens: ``"fused"`` (the default: the listed rows read by index in
             one Triton kernel, no copy), ``"gather"`` (compact copy + SDPA) or ``"flex"`` (FlexAttention with a
             block mask; fast only under ``torch.compile``). BENCHMARKS.md compares them.
@@ -110,6 +114,8 @@ class PQConfig:
     seed: int = 0
     tol: float = 0.0
     kmeans_device: Literal["auto", "cpu"] = "auto"
+    cpu_niter: int = 5
+    cpu_train_points: int = 32
     backend: Literal["fused", "gather", "flex"] = "fused"
     selection: Literal["token", "block"] = "token"
     block_size: int = 64
@@ -132,6 +138,8 @@ class PQConfig:
         _check_int("min_context", self.min_context, 0)
         _check_int("niter", self.niter, 1)
         _check_int("train_points", self.train_points, 0)
+        _check_int("cpu_niter", self.cpu_niter, 1)
+        _check_int("cpu_train_points", self.cpu_train_points, 0)
         _check_int("seed", self.seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
         _check_float("tol", self.tol, 0.0, math.inf)
         if self.kmeans_device not in KMEANS_DEVICES:

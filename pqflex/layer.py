@@ -336,7 +336,8 @@ class PQCacheState:
     def _submit_kmeans(self, layer: PQLayer) -> None:
         """Start the CPU k-means of a layer's recorded prompt on the worker thread; its GPU keys can go."""
         key, mask = layer.prompt
-        sample = PQIndex.training_keys(key, layer.config, mask)
+        config = layer.config.replace(niter=layer.config.cpu_niter, train_points=layer.config.cpu_train_points)
+        sample = PQIndex.training_keys(key, config, mask)
         if sample is None:  # nothing to train (dense, exact scorer): built as usual
             return
         x, m = sample
@@ -346,7 +347,7 @@ class PQCacheState:
         ready.record()
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pqflex-kmeans")
-        layer.job = self._pool.submit(_train_on_cpu, x_host, m_host, ready, layer.config)
+        layer.job = self._pool.submit(_train_on_cpu, x_host, m_host, ready, config)
         if layer.store is not None:  # the codes are computed from CPU memory at collection
             layer.prompt = (layer.store.keys[:, :, :key.shape[-2]], mask)
 

@@ -38,6 +38,8 @@ def test_frozen_and_replace_validates():
     ("recent_ratio", float("nan"), r"PQConfig.recent_ratio must be a finite number"),
     ("min_context", -5, r"PQConfig.min_context=-5"),
     ("niter", 0, r"PQConfig.niter=0"),
+    ("cpu_niter", 0, r"PQConfig.cpu_niter=0"),
+    ("cpu_train_points", -1, r"PQConfig.cpu_train_points=-1"),
     ("seed", -1, r"PQConfig.seed=-1"),
     ("tol", -1.0, r"PQConfig.tol=-1.0"),
     ("kmeans_device", "gpu", r"PQConfig.kmeans_device='gpu'.*'auto', 'cpu'"),

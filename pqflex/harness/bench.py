@@ -216,6 +216,12 @@ def process_group(device: str) -> Iterator[str]:
     try:
         yield device
     finally:
+        # On two H200s a rank once hung after its last row (nccl, CUDA graphs): every rank drains its stream, and
+        # the compiled graphs (which captured the communicator's kernels) go, before the group is destroyed.
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        torch._dynamo.reset()
+        gc.collect()
         dist.destroy_process_group()
 
 
