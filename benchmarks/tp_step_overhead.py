@@ -5,9 +5,12 @@ parallelism"). This probe looks at the host side: a 32-layer Llama of tiny width
 and the step is mostly Python and dispatch), a compiled static-cache decode step (``fullgraph=True``), timed in one
 process and over 2 gloo ranks loaded with ``tp_plan="auto"``. Under ``cProfile`` the step's time is split into the
 collectives (gloo's all-reduces, slow on a CPU and absent from the GPU's question) and the rest; the rest is what
-transformers' sharded (DTensor) parameters add on the host per step. Usage::
+transformers' sharded (DTensor) parameters add on the host per step. ``--localize-linear`` (an experiment, not
+something the library does) replaces every ``Linear``'s DTensor weight by its local shard after loading, which
+transformers' inference path for ``Linear`` accepts, to see how much of that host time the DTensor weights cost.
+Usage::
 
-    PYTHONPATH=. python benchmarks/tp_step_overhead.py [--layers 32] [--steps 20]
+    PYTHONPATH=. python benchmarks/tp_step_overhead.py [--layers 32] [--steps 20] [--localize-linear]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def write_checkpoint(path: str, layers: int) -> None:
               metadata={"format": "pt"})  # every other weight is initialized randomly at load
 
 
-def step_profile(path: str, steps: int) -> None:
+def step_profile(path: str, steps: int, localize: bool) -> None:
     """Load (sharded when under a launcher), compile the decode step, print rank 0's split."""
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, StaticCache
@@ -47,6 +50,13 @@ def step_profile(path: str, steps: int) -> None:
         dist.init_process_group("gloo")
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32,
                                                  **({"tp_plan": "auto"} if tp else {})).eval()
+    if tp and localize:
+        from torch.distributed.tensor import DTensor
+
+        for module in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+            for name, param in list(module._parameters.items()):
+                if isinstance(param, DTensor):
+                    module._parameters[name] = torch.nn.Parameter(param.to_local(), requires_grad=False)
     cache = StaticCache(config=model.config, max_cache_len=400)
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -65,7 +75,8 @@ def step_profile(path: str, steps: int) -> None:
         stats = pstats.Stats(profile).stats
         collective = sum(v[2] for k, v in stats.items()  # tottime of the collectives' dispatch
                          if "c10d" in str(k) or k[2] == "redispatch") / steps * 1e3
-        name = f"{dist.get_world_size()} ranks (tp_plan='auto')" if tp else "1 process"
+        name = f"{dist.get_world_size()} ranks (tp_plan='auto'{', Linear weights local' if localize else ''})" \
+            if tp else "1 process"
         print(f"| {name} | {step:.2f} | {collective:.2f} | {step - collective:.2f} |", flush=True)
     if tp:
         dist.destroy_process_group()
@@ -76,10 +87,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--localize-linear", action="store_true", help="Linear weights as local shards (experiment)")
     parser.add_argument("--profile-checkpoint", default=None, help=argparse.SUPPRESS)  # a checkpoint path: profile it here
     args = parser.parse_args()
     if args.profile_checkpoint:
-        step_profile(args.profile_checkpoint, args.steps)
+        step_profile(args.profile_checkpoint, args.steps, args.localize_linear)
         return
     import transformers
 
@@ -87,7 +99,8 @@ def main() -> None:
     print("| run | step ms | in collectives ms | rest ms |\n|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as path:
         write_checkpoint(path, args.layers)
-        me = [sys.executable, os.path.abspath(__file__), "--profile-checkpoint", path, "--steps", str(args.steps)]
+        me = [sys.executable, os.path.abspath(__file__), "--profile-checkpoint", path, "--steps", str(args.steps),
+              *(["--localize-linear"] if args.localize_linear else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each rank: the same for both runs
         subprocess.run(me, check=True, env=env)
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",

@@ -209,7 +209,6 @@ def process_group(device: str) -> Iterator[str]:
         local = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    if device.startswith("cuda"):
         dist.init_process_group("nccl", device_id=torch.device(device))
     else:
         dist.init_process_group("gloo")

@@ -98,7 +98,8 @@ def kmeans_triton(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: 
 @torch.library.custom_op("pqflex::kmeans", mutates_args=())
 def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
            tol: float = 0.0) -> torch.Tensor:
-    """``torch.ops.pqflex.kmeans``: :func:`pqflex.ops.reference.kmeans` on any device, Triton on CUDA (ksub >= 16)."""
+    """``torch.ops.pqflex.kmeans``: :func:`pqflex.ops.reference.kmeans` on any device, Triton on CUDA (ksub >= 16),
+    the C Lloyd step on the CPU over torch's intra-op threads (:func:`pqflex.ops.native.kmeans`, where it builds)."""
     _check(x, mask, ksub, niter)
     return reference.kmeans(x, mask, ksub, niter, seed, tol)
 

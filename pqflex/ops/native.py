@@ -1,4 +1,5 @@
-"""Native CPU kernels of the decode step: ``cpu_kernels.c`` compiled on first use and called through ctypes.
+"""Native CPU kernels of the decode step and of k-means: ``cpu_kernels.c`` compiled on first use, called through
+ctypes.
 
 On the CPU a decode step through the plain-torch reference is a chain of small tensor ops (ADC scores of every
 head, a softmax, a sort-free top-k, a gather, attention), and their per-op overhead makes it slower than dense
@@ -8,7 +9,8 @@ system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into ``$PQFLEX_CACHE_
 
 Where no compiler is found or the build fails, :func:`library` returns None, one warning says why, and the ops
 run the reference. ``PQFLEX_NATIVE=0`` turns the kernels off. The kernels are checked against the reference in
-``tests/test_native.py``.
+``tests/test_native.py`` (k-means: ``tests/test_kernels.py``). The k-means step is the CPU kernel of
+``torch.ops.pqflex.kmeans``, which trains the codebooks on the CPU beside a GPU prefill (``kmeans_device="cpu"``).
 """
 
 from __future__ import annotations
@@ -192,7 +194,6 @@ def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(L, N, M, dtype=torch.uint8)
     bad = library().pq_encode_f32(_p(x), x.stride(0), x.stride(1), _p(centroids), L, N, M, ksub, dsub, _p(out))
     return None if bad else out
-
 
 
 def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0, tol: float = 0.0,
