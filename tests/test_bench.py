@@ -40,6 +40,24 @@ def test_bench_block_selection_runs_and_is_recorded(tmp_path):
     assert data["results"][0]["tpot_ms"] > 0
 
 
+@pytest.mark.parametrize("method", ["pqcache-offload", "sdpa-static"])
+def test_bench_prefill_chunk_feeds_the_prompt_in_chunks(method):
+    model = bench.build_model("tiny", "pqcache" if method in bench.PQ_METHODS else "sdpa", torch.float32, "cpu")
+    lengths = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: lengths.append((args or [kwargs.get("input_ids")])[0]
+                                                                            .shape[1]), with_kwargs=True)
+    r = bench.run_method("tiny", method, 2, 600, 0.1, 2, 1, torch.float32, "cpu", {}, model=model, prefill_chunk=256)
+    assert r.prefill_chunk == 256 and r.batch == 2 and r.tpot_ms > 0 and r.steps == 2
+    assert lengths[2:] == [256, 256, 88]  # after the untimed warm-up (prompt, one step); steps call forward()
+
+
+def test_bench_rejects_a_bad_prefill_chunk(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--preset", "tiny", "--device", "cpu", "--prefill-chunk", "0"])
+    assert exit_.value.code == 2
+    assert "--prefill-chunk must be a positive number of tokens, got 0" in capsys.readouterr().err
+
+
 def test_cli_presets_and_methods_are_the_benchs():
     from pqflex.harness import cli
 

@@ -109,6 +109,7 @@ class Result:
     tp: int = 1  # tensor-parallel ranks
     peak_gib_ranks: list[float | None] | None = None  # peak GPU memory of every rank (TP only)
     error: str | None = None
+    prefill_chunk: int | None = None  # tokens per prefill forward (None: the whole prompt in one)
 
 
 def model_config(preset: str):
@@ -321,8 +322,13 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
 
 
 def run_method(preset: str, method: str, batch: int, context: int, budget, new_tokens: int, warmup: int,
-               dtype: torch.dtype, device: str, options: dict[str, Any] | None = None, model=None) -> Result:
-    """Prefill ``context`` random tokens, then decode ``warmup + new_tokens`` steps; time TTFT and TPOT."""
+               dtype: torch.dtype, device: str, options: dict[str, Any] | None = None, model=None,
+               prefill_chunk: int | None = None) -> Result:
+    """Prefill ``context`` random tokens, then decode ``warmup + new_tokens`` steps; time TTFT and TPOT.
+
+    ``prefill_chunk`` tokens per prefill forward (``None``: the whole prompt in one), as ``generate()``'s
+    ``prefill_chunk_size``: activations then scale with the chunk, not the prompt, so the caches bound what fits.
+    """
     import pqflex
     from pqflex import CACHE_KWARG
     from transformers import DynamicCache, StaticCache
@@ -357,7 +363,9 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         model(ids[:, :1], **{CACHE_KWARG: warm}, logits_to_keep=1)
         _sync(device)
         t0 = time.perf_counter()
-        logits = model(ids, **{CACHE_KWARG: cache}, logits_to_keep=1).logits
+        for start in range(0, context, prefill_chunk or context):
+            logits = model(ids[:, start:start + (prefill_chunk or context)], **{CACHE_KWARG: cache},
+                           logits_to_keep=1).logits
         _sync(device)
         ttft = time.perf_counter() - t0
         token = logits[:, -1:].argmax(-1)
@@ -376,7 +384,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
     kv, hits = cache_stats(cache)
     return Result(preset, method, batch, context, shown_budget(method, budget), ttft, statistics.median(times) * 1e3,
                   None, peak, len(times), kv_gib=kv, hit_rate=hits, cache_setup_s=setup,
-                  tp=getattr(model, "tp_size", None) or 1)
+                  tp=getattr(model, "tp_size", None) or 1, prefill_chunk=prefill_chunk)
 
 
 def shown_budget(method: str, budget: float | int) -> float | int:
@@ -415,7 +423,7 @@ class _Stamps:
 
 
 def run_generate(model, method: str, batch: int, context: int, new_tokens: int, warmup: int,
-                 device: str) -> tuple[float, float]:
+                 device: str, prefill_chunk: int | None = None) -> tuple[float, float]:
     """TTFT (s) and TPOT (ms, median over the tokens after ``warmup``) of ``model.generate()`` as users call it.
 
     ``model`` is configured for the method already (:func:`run_method` did it). Greedy, ``min_new_tokens`` fixed.
@@ -431,6 +439,8 @@ def run_generate(model, method: str, batch: int, context: int, new_tokens: int, 
             method, pqflex.get_config(model)), max_batch_size=batch)  # offload: CPU memory allocated here
     elif method == "sdpa-static":
         kwargs["cache_implementation"] = "static"
+    if prefill_chunk:
+        kwargs["prefill_chunk_size"] = prefill_chunk
     ids = prompt_ids(model.config.vocab_size, batch, context, device, seed=1)
     stamps = _Stamps(device)
     n = warmup + new_tokens
@@ -510,11 +520,12 @@ def measure(args, method: str, batch: int, context: int, model, device: str, dty
             options: dict[str, Any]) -> Result:
     """One row of the sweep: :func:`run_method`, then (unless switched off) :func:`run_generate` and
     :func:`layer_attention_us`."""
+    chunk = args.prefill_chunk
     r = run_method(args.preset, method, batch, context, args.budget, args.new_tokens, args.warmup, dtype, device,
-                   options, model=model)
+                   options, model=model, prefill_chunk=chunk)
     if not args.no_generate:
         r.gen_ttft_s, r.gen_tpot_ms = run_generate(model, method, batch, context, args.new_tokens, args.warmup,
-                                                   device)
+                                                   device, prefill_chunk=chunk)
     if device.startswith("cuda") and not args.no_layer_attention and method != "pqcache-offload":
         r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, args.budget, dtype, options, r.tp)
     return r
@@ -548,6 +559,8 @@ def main(args) -> int:
     device, dtype = device_and_dtype(args)
     tp = args.tp
     check_tp(args.preset, tp)  # bad presets and degrees raise before any work
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     options = dict(args.pq, selection=args.selection, block_size=args.block_size)
     if args.backend is not None:
         options["backend"] = args.backend

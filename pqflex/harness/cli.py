@@ -144,6 +144,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     bench.add_argument("--tp", type=int, default=1,
                        help="tensor-parallel ranks: the model sharded by transformers' tp_plan='auto' (relaunches "
                             "itself under torch.distributed.run unless already under a launcher)")
+    bench.add_argument("--prefill-chunk", type=int, default=None,
+                       help="tokens per prefill forward (default: the whole prompt), as generate()'s "
+                            "prefill_chunk_size; bounds the prefill's activations for batch and capacity runs")
     bench.add_argument("--no-layer-attention", action="store_true", help="skip the per-layer attention timing")
     bench.add_argument("--no-generate", action="store_true",
                        help="skip the TTFT/TPOT measurement through model.generate()")
