@@ -8,9 +8,11 @@ collectives (gloo's all-reduces, slow on a CPU and absent from the GPU's questio
 transformers' sharded (DTensor) parameters add on the host per step. ``--localize-linear`` (an experiment, not
 something the library does) replaces every ``Linear``'s DTensor weight by its local shard after loading, which
 transformers' inference path for ``Linear`` accepts, to see how much of that host time the DTensor weights cost.
+``--skip-guards`` times the steps under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (an experiment:
+Dynamo then runs the compiled graph without checking its guards), to see how much of it is guard evaluation.
 Usage::
 
-    PYTHONPATH=. python benchmarks/tp_step_overhead.py [--layers 32] [--steps 20] [--localize-linear]
+    PYTHONPATH=. python benchmarks/tp_step_overhead.py [--layers 32] [--steps 20] [--localize-linear] [--skip-guards]
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def write_checkpoint(path: str, layers: int) -> None:
               metadata={"format": "pt"})  # every other weight is initialized randomly at load
 
 
-def step_profile(path: str, steps: int, localize: bool) -> None:
+def step_profile(path: str, steps: int, localize: bool, skip_guards: bool = False) -> None:
     """Load (sharded when under a launcher), compile the decode step, print rank 0's split."""
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, StaticCache
@@ -65,18 +67,20 @@ def step_profile(path: str, steps: int, localize: bool) -> None:
         for _ in range(3):
             token = forward(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
         profile = cProfile.Profile()
-        t0 = time.perf_counter()
-        profile.enable()
-        for _ in range(steps):
-            token = forward(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-        profile.disable()
-        step = (time.perf_counter() - t0) / steps * 1e3
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards)
+        with stance:
+            t0 = time.perf_counter()
+            profile.enable()
+            for _ in range(steps):
+                token = forward(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            profile.disable()
+            step = (time.perf_counter() - t0) / steps * 1e3
     if not tp or dist.get_rank() == 0:
         stats = pstats.Stats(profile).stats
         collective = sum(v[2] for k, v in stats.items()  # tottime of the collectives' dispatch
                          if "c10d" in str(k) or k[2] == "redispatch") / steps * 1e3
-        name = f"{dist.get_world_size()} ranks (tp_plan='auto'{', Linear weights local' if localize else ''})" \
-            if tp else "1 process"
+        extra = (", Linear weights local" if localize else "") + (", guards skipped" if skip_guards else "")
+        name = f"{dist.get_world_size()} ranks (tp_plan='auto'{extra})" if tp else f"1 process{extra}"
         print(f"| {name} | {step:.2f} | {collective:.2f} | {step - collective:.2f} |", flush=True)
     if tp:
         dist.destroy_process_group()
@@ -88,10 +92,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--localize-linear", action="store_true", help="Linear weights as local shards (experiment)")
+    parser.add_argument("--skip-guards", action="store_true",
+                        help="time under set_stance(skip_guard_eval_unsafe=True) (experiment)")
     parser.add_argument("--profile-checkpoint", default=None, help=argparse.SUPPRESS)  # a checkpoint path: profile it here
     args = parser.parse_args()
     if args.profile_checkpoint:
-        step_profile(args.profile_checkpoint, args.steps, args.localize_linear)
+        step_profile(args.profile_checkpoint, args.steps, args.localize_linear, args.skip_guards)
         return
     import transformers
 
@@ -100,7 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as path:
         write_checkpoint(path, args.layers)
         me = [sys.executable, os.path.abspath(__file__), "--profile-checkpoint", path, "--steps", str(args.steps),
-              *(["--localize-linear"] if args.localize_linear else [])]
+              *(["--localize-linear"] if args.localize_linear else []), *(["--skip-guards"] if args.skip_guards else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each rank: the same for both runs
         subprocess.run(me, check=True, env=env)
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",

@@ -121,7 +121,7 @@ class PQConfig:
     block_size: int = 64
     scorer: Literal["pq", "exact"] = "pq"
     offload: bool = False
-    hot_ratio: float = 0.5
+    hot_ratio: float = 0.45
     hot_block: int = 1
 
     def __post_init__(self) -> None:

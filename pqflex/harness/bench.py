@@ -110,6 +110,7 @@ class Result:
     peak_gib_ranks: list[float | None] | None = None  # peak GPU memory of every rank (TP only)
     error: str | None = None
     prefill_chunk: int | None = None  # tokens per prefill forward (None: the whole prompt in one)
+    compiled: bool | None = None  # the decode loop ran torch.compile'd (False: eager, --eager)
 
 
 def model_config(preset: str):
@@ -323,11 +324,12 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
 
 def run_method(preset: str, method: str, batch: int, context: int, budget, new_tokens: int, warmup: int,
                dtype: torch.dtype, device: str, options: dict[str, Any] | None = None, model=None,
-               prefill_chunk: int | None = None) -> Result:
+               prefill_chunk: int | None = None, compile: bool = True) -> Result:
     """Prefill ``context`` random tokens, then decode ``warmup + new_tokens`` steps; time TTFT and TPOT.
 
     ``prefill_chunk`` tokens per prefill forward (``None``: the whole prompt in one), as ``generate()``'s
     ``prefill_chunk_size``: activations then scale with the chunk, not the prompt, so the caches bound what fits.
+    ``compile=False`` decodes the :data:`COMPILED` methods eagerly too (no compile time: capacity and TTFT rows).
     """
     import pqflex
     from pqflex import CACHE_KWARG
@@ -349,7 +351,8 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         cache = DynamicCache(config=model.config)
     setup = time.perf_counter() - t0
     forward = model.forward
-    if method in COMPILED:
+    compiled = compile and method in COMPILED
+    if compiled:
         mode = "reduce-overhead" if device.startswith("cuda") else None
         forward = torch.compile(model.forward, fullgraph=True, dynamic=False, mode=mode)
     ids = prompt_ids(model.config.vocab_size, batch, context, device, seed=0)
@@ -371,7 +374,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         token = logits[:, -1:].argmax(-1)
         times = []
         for step in range(warmup + new_tokens):
-            if method in COMPILED and device.startswith("cuda"):
+            if compiled and device.startswith("cuda"):
                 torch.compiler.cudagraph_mark_step_begin()
             _sync(device)
             t0 = time.perf_counter()
@@ -384,7 +387,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
     kv, hits = cache_stats(cache)
     return Result(preset, method, batch, context, shown_budget(method, budget), ttft, statistics.median(times) * 1e3,
                   None, peak, len(times), kv_gib=kv, hit_rate=hits, cache_setup_s=setup,
-                  tp=getattr(model, "tp_size", None) or 1, prefill_chunk=prefill_chunk)
+                  tp=getattr(model, "tp_size", None) or 1, prefill_chunk=prefill_chunk, compiled=compiled)
 
 
 def shown_budget(method: str, budget: float | int) -> float | int:
@@ -522,7 +525,7 @@ def measure(args, method: str, batch: int, context: int, model, device: str, dty
     :func:`layer_attention_us`."""
     chunk = args.prefill_chunk
     r = run_method(args.preset, method, batch, context, args.budget, args.new_tokens, args.warmup, dtype, device,
-                   options, model=model, prefill_chunk=chunk)
+                   options, model=model, prefill_chunk=chunk, compile=not args.eager)
     if not args.no_generate:
         r.gen_ttft_s, r.gen_tpot_ms = run_generate(model, method, batch, context, args.new_tokens, args.warmup,
                                                    device, prefill_chunk=chunk)
@@ -606,7 +609,9 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
                 tp = getattr(models[attn], "tp_size", None) or 1
                 try:
                     r = measure(args, method, batch, context, models[attn], device, dtype, options)
-                except torch.cuda.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError as e:  # the message says which allocation failed
+                    print(f"rank {_rank()}: {method} batch {batch} context {context}: {str(e).splitlines()[0]}",
+                          file=sys.stderr, flush=True)
                     r = None
                 if any_rank(r is None, device):  # every rank records the OOM, whichever ranks had it
                     r = Result(args.preset, method, batch, context, shown_budget(method, args.budget), math.nan,

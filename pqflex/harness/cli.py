@@ -147,6 +147,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     bench.add_argument("--prefill-chunk", type=int, default=None,
                        help="tokens per prefill forward (default: the whole prompt), as generate()'s "
                             "prefill_chunk_size; bounds the prefill's activations for batch and capacity runs")
+    bench.add_argument("--eager", action="store_true",
+                       help="decode loop without torch.compile (the TTFT and what fits, minus compile time)")
     bench.add_argument("--no-layer-attention", action="store_true", help="skip the per-layer attention timing")
     bench.add_argument("--no-generate", action="store_true",
                        help="skip the TTFT/TPOT measurement through model.generate()")
