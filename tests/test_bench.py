@@ -52,6 +52,15 @@ def test_bench_prefill_chunk_feeds_the_prompt_in_chunks(method):
     assert lengths[2:] == [256, 256, 88]  # after the untimed warm-up (prompt, one step); steps call forward()
 
 
+def test_bench_profile_writes_a_trace_and_a_table(tmp_path):
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--contexts", "300", "--methods", "pqcache",
+                 "--new-tokens", "1", "--warmup", "1", "--no-generate", "--profile", str(tmp_path)]) == 0
+    trace = json.loads((tmp_path / "tiny_pqcache_b1_n300_rank0.json").read_text())
+    steps = [e for e in trace["traceEvents"] if e.get("name") == "pqflex_decode_step"]
+    assert len(steps) == 3
+    assert "Self CPU" in (tmp_path / "tiny_pqcache_b1_n300_rank0.txt").read_text()
+
+
 def test_bench_rejects_a_bad_prefill_chunk(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--preset", "tiny", "--device", "cpu", "--prefill-chunk", "0"])

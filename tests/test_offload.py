@@ -108,6 +108,30 @@ def test_offload_compiles_to_one_graph(no_recompile):  # noqa: F811
     assert no_recompile["stats"]["unique_graphs"] == 1 and not no_recompile["graph_break"]
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_compiled_chunked_prefill_runs_the_prompt_eagerly(offload):
+    """generate(prefill_chunk_size=...) sends the prompt chunks through its compiled forward (transformers does so
+    on CUDA): pqflex's prompt work breaks out of the graph and runs eagerly, so the tokens equal an eager run's;
+    a fullgraph compile cannot break and says why."""
+    from transformers import CompileConfig
+
+    pq = make("llama")
+    pqflex.configure(pq, SMALL)
+    ids = prompt(300, seed=4)
+    want = generate(pq, ids, n=8, **{CACHE_KW: PQStaticCache(pq, 320)}, disable_compile=True)
+    config = SMALL.replace(offload=offload)
+    breaking = CompileConfig(fullgraph=False, dynamic=False, backend="eager", mode=None)
+    breaking._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    torch._dynamo.reset()
+    got = generate(pq, ids, n=8, prefill_chunk_size=128, **{CACHE_KW: PQStaticCache(pq, 320, config)},
+                   compile_config=breaking)
+    assert torch.equal(got, want)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="pqflex runs prompt forwards"):
+        generate(pq, ids, n=8, prefill_chunk_size=128, **{CACHE_KW: PQStaticCache(pq, 320, config)},
+                 compile_config=compile_config("eager"))
+
+
 def test_offload_chunked_prefill_and_crop():
     pq = make("llama")
     pqflex.configure(pq, SMALL)

@@ -324,12 +324,14 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
 
 def run_method(preset: str, method: str, batch: int, context: int, budget, new_tokens: int, warmup: int,
                dtype: torch.dtype, device: str, options: dict[str, Any] | None = None, model=None,
-               prefill_chunk: int | None = None, compile: bool = True) -> Result:
+               prefill_chunk: int | None = None, compile: bool = True, profile: str | None = None) -> Result:
     """Prefill ``context`` random tokens, then decode ``warmup + new_tokens`` steps; time TTFT and TPOT.
 
     ``prefill_chunk`` tokens per prefill forward (``None``: the whole prompt in one), as ``generate()``'s
     ``prefill_chunk_size``: activations then scale with the chunk, not the prompt, so the caches bound what fits.
     ``compile=False`` decodes the :data:`COMPILED` methods eagerly too (no compile time: capacity and TTFT rows).
+    ``profile`` (a directory): after the timed steps, 3 more under ``torch.profiler`` (CPU, and CUDA on a GPU),
+    written there as a Chrome trace and a table of the ops by self host time, one pair per rank.
     """
     import pqflex
     from pqflex import CACHE_KWARG
@@ -383,11 +385,36 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
             _sync(device)
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
+        if profile:
+            name = f"{preset}_{method}_b{batch}_n{context}_rank{_rank()}"
+            token = profile_steps(lambda t: forward(t, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1:]
+                                  .argmax(-1), token, compiled and device.startswith("cuda"), device,
+                                  os.path.join(profile, name))
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
     kv, hits = cache_stats(cache)
     return Result(preset, method, batch, context, shown_budget(method, budget), ttft, statistics.median(times) * 1e3,
                   None, peak, len(times), kv_gib=kv, hit_rate=hits, cache_setup_s=setup,
                   tp=getattr(model, "tp_size", None) or 1, prefill_chunk=prefill_chunk, compiled=compiled)
+
+
+def profile_steps(step, token: torch.Tensor, graphs: bool, device: str, path: str, steps: int = 3) -> torch.Tensor:
+    """``steps`` decode steps (``token = step(token)``) under ``torch.profiler``: ``path.json`` (Chrome trace) and
+    ``path.txt`` (ops by self host time). Returns the last token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.profiler.record_function("pqflex_decode_step"):
+                token = step(token)
+                _sync(device)
+    prof.export_chrome_trace(path + ".json")
+    with open(path + ".txt", "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    return token
 
 
 def shown_budget(method: str, budget: float | int) -> float | int:
@@ -525,7 +552,7 @@ def measure(args, method: str, batch: int, context: int, model, device: str, dty
     :func:`layer_attention_us`."""
     chunk = args.prefill_chunk
     r = run_method(args.preset, method, batch, context, args.budget, args.new_tokens, args.warmup, dtype, device,
-                   options, model=model, prefill_chunk=chunk, compile=not args.eager)
+                   options, model=model, prefill_chunk=chunk, compile=not args.eager, profile=args.profile)
     if not args.no_generate:
         r.gen_ttft_s, r.gen_tpot_ms = run_generate(model, method, batch, context, args.new_tokens, args.warmup,
                                                    device, prefill_chunk=chunk)

@@ -149,6 +149,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                             "prefill_chunk_size; bounds the prefill's activations for batch and capacity runs")
     bench.add_argument("--eager", action="store_true",
                        help="decode loop without torch.compile (the TTFT and what fits, minus compile time)")
+    bench.add_argument("--profile", default=None, metavar="DIR",
+                       help="after each row's timed steps, profile 3 more (torch.profiler): a Chrome trace and a table "
+                            "of ops by host time per rank in DIR")
     bench.add_argument("--no-layer-attention", action="store_true", help="skip the per-layer attention timing")
     bench.add_argument("--no-generate", action="store_true",
                        help="skip the TTFT/TPOT measurement through model.generate()")

@@ -206,6 +206,28 @@ def pqcache_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
     return out.transpose(1, 2).contiguous(), None
 
 
+_EAGER = ("pqflex runs prompt forwards (more than one new token) eagerly; compile with fullgraph=False, or prefill "
+          "without compile")
+
+
+@torch.compiler.disable(reason=_EAGER)
+def _prompt_forward(state: PQCacheState, *args: Any) -> torch.Tensor:
+    """:meth:`PQCacheState.forward` of a prompt forward, eager even when called from a compiled forward.
+
+    transformers' ``generate(prefill_chunk_size=...)`` sends every prompt chunk through the compiled forward that
+    it also decodes with; pqflex's prompt work (dense attention over a host-known length, index builds, copies to
+    CPU memory on a side stream) runs eagerly, so the chunk's graph breaks around it. A ``fullgraph=True`` compile
+    cannot break and fails with :data:`_EAGER` as the reason.
+    """
+    return state.forward(*args)
+
+
+@torch.compiler.disable(reason=_EAGER)
+def _prompt_store_update(layer: _OffloadLayer, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`_OffloadLayer.store_update` of prompt rows (copies to CPU memory on a side stream), always eager."""
+    return layer.store_update(*args)
+
+
 def _pq_state(cache: Cache) -> PQCacheMixin:
     if type(cache) is DynamicCache:  # transformers' own: adopt it, so its PQ state lives and moves with it
         cache.__class__ = PQCache
@@ -260,8 +282,10 @@ class PQCacheMixin:
                    kv_mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
         """The attention of ``module``'s layer through this cache's PQ state."""
         config = self.pq_config or getattr(module, _CONFIG_ATTR, None) or PQConfig()
-        return self.pq_state.forward(module.layer_idx, config, query, key, value, kv_mask, scale,
-                                     self._filled(module.layer_idx))
+        args = (module.layer_idx, config, query, key, value, kv_mask, scale, self._filled(module.layer_idx))
+        if query.shape[-2] > 1 and torch.compiler.is_compiling():  # generate(prefill_chunk_size=...) compiles it
+            return _prompt_forward(self.pq_state, *args)
+        return self.pq_state.forward(*args)
 
     def reset(self) -> None:
         super().reset()
@@ -387,7 +411,10 @@ class PQStaticCache(PQCacheMixin, Cache):
         layer = self.layers[layer_idx]
         self._check_update(layer, key_states)
         if isinstance(layer, _OffloadLayer):
-            return layer.store_update(self.pq_state, layer_idx, self.pq_config, key_states, value_states)
+            args = (self.pq_state, layer_idx, self.pq_config, key_states, value_states)
+            if key_states.shape[-2] > 1 and torch.compiler.is_compiling():  # a compiled prompt chunk
+                return _prompt_store_update(layer, *args)
+            return layer.store_update(*args)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _check_update(self, layer: StaticLayer, key_states: torch.Tensor) -> None:
