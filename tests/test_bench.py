@@ -132,6 +132,18 @@ def test_bench_tensor_parallel_two_ranks(tmp_path, device):
     assert "| tiny | sdpa | 2 | 1 | 64 | 1.0 | OOM | OOM |" in run.stdout
 
 
+def test_bench_launch_shares_the_cores_between_ranks(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda command, env: seen.append(env) or subprocess.CompletedProcess(
+        command, 0))
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert bench.launch(["bench"], 2) == 0 and seen[-1]["OMP_NUM_THREADS"] == "8"
+    assert bench.rank_threads(32) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert bench.launch(["bench"], 2) == 0 and seen[-1]["OMP_NUM_THREADS"] == "3"
+
+
 def test_bench_tp_must_divide_the_heads_before_any_launch(monkeypatch, capsys):
     monkeypatch.setattr(bench, "launch", lambda *a: pytest.fail("launched"))
     with pytest.raises(SystemExit) as exit_:

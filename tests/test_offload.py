@@ -232,6 +232,22 @@ def test_cuda_offload_generate_equals_resident(kmeans_device):
     check_store_rows(cache.pq_layers[0].store, int(cache.get_seq_length()))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", [False, True])
+def test_cuda_chunked_prefill_under_generates_own_compile(offload):
+    """On CUDA generate(prefill_chunk_size=...) compiles the chunks (transformers' default CompileConfig: CUDA
+    graphs, fullgraph=False): the prompt work runs eagerly between the graphs and the tokens equal an eager run's."""
+    pq = make("llama").cuda()
+    pqflex.configure(pq, SMALL)
+    ids, mask = padded()
+    ids, mask = ids.cuda(), {k: v.cuda() for k, v in mask.items()}
+    want = generate(pq, ids, n=40, **mask, **{CACHE_KW: PQStaticCache(pq, 400)}, disable_compile=True)
+    torch._dynamo.reset()
+    got = generate(pq, ids, n=40, **mask, prefill_chunk_size=128,
+                   **{CACHE_KW: PQStaticCache(pq, 400, SMALL.replace(offload=offload))})
+    assert torch.equal(got, want)
+
+
 def test_hot_unit_enters_only_once_all_its_tokens_are_cached():
     """A 32-token unit that reaches past the newest token stays out (it would go stale); once complete it enters."""
     config = PQConfig(budget=40, sink_size=4, min_context=0, niter=2, offload=True, hot_block=32, hot_ratio=4.0)

@@ -2,8 +2,8 @@
 
 Two processes on the CPU with the gloo backend (transformers maps the CPU to gloo), and on two GPUs with nccl (marked
 ``gpu``): a random-weight Llama saved to a directory, loaded with ``tp_plan="auto"`` on each rank; greedy generation
-must equal the single-process run, with the adopted ``DynamicCache`` and with a ``PQStaticCache``, and a budget
-covering the context must equal SDPA.
+must equal the single-process run, with the adopted ``DynamicCache``, with a ``PQStaticCache`` and with an offloaded
+one (each rank's CPU memory sized for its own KV heads), and a budget covering the context must equal SDPA.
 """
 
 import socket
@@ -31,7 +31,9 @@ def _free_port() -> int:
 def _runs(model, ids) -> dict[str, torch.Tensor]:
     pqflex.configure(model, SPARSE)
     out = {"dynamic": generate(model, ids),
-           "static": generate(model, ids, **{CACHE_KW: PQStaticCache(model, 320)}, disable_compile=True)}
+           "static": generate(model, ids, **{CACHE_KW: PQStaticCache(model, 320)}, disable_compile=True),
+           "offload": generate(model, ids, **{CACHE_KW: PQStaticCache(model, 320, SPARSE.replace(offload=True),
+                                                                      max_batch_size=1)}, disable_compile=True)}
     pqflex.configure(model, SPARSE.replace(budget=1.0))
     out["dense"] = generate(model, ids)
     return out
@@ -90,8 +92,9 @@ def test_two_rank_tensor_parallel_generation_equals_one_process(tmp_path, backen
     for rank, got in results.items():
         assert "error" not in got, got.get("error")
         assert got["tp_size"] == WORLD and got["local_kv_heads"] == TINY["num_key_value_heads"] // WORLD
-        for run in ("dynamic", "static", "dense"):
+        for run in ("dynamic", "static", "offload", "dense"):
             assert got[run] == want[run].tolist(), (rank, run)
+    assert torch.equal(want["offload"], want["static"])  # offload selects and attends what the resident cache does
 
 
 def test_tensor_parallel_degree_must_divide_the_kv_heads():

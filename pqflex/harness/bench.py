@@ -195,11 +195,23 @@ def stub_checkpoint(preset: str) -> Iterator[str]:
 
 
 def launch(argv: list[str], tp: int) -> int:
-    """Run ``pqflex <argv>`` on ``tp`` local processes with torch's launcher; its exit code."""
+    """Run ``pqflex <argv>`` on ``tp`` local processes with torch's launcher; its exit code.
+
+    The launcher would give each rank one CPU thread (``OMP_NUM_THREADS=1``); the ranks get an equal share of the
+    cores instead (CPU k-means, weight initialization), unless ``OMP_NUM_THREADS`` is set already.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
                "-m", "pqflex.harness.cli", *argv]
-    print(" ".join(command), flush=True)
-    return subprocess.run(command).returncode
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(rank_threads(tp)))
+    print(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} " + " ".join(command), flush=True)
+    return subprocess.run(command, env=env).returncode
+
+
+def rank_threads(ranks: int) -> int:
+    """CPU threads per rank when ``ranks`` processes share this machine's cores (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // ranks)
 
 
 @contextlib.contextmanager
