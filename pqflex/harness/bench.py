@@ -16,6 +16,10 @@ method's attention step; dense SDPA for the sdpa methods), peak GPU memory, card
 as a user sees them, through ``model.generate()`` with a timestamp at every token (:func:`run_generate`:
 generate compiles the static caches' decode step itself, with CUDA graphs on CUDA).
 
+What fits: ``--batch`` with ``--prefill-chunk N`` (the prompt in ``N``-token forwards, as ``generate()``'s
+``prefill_chunk_size``, so a long prompt's activations do not decide the batch) and ``--eager`` (a decode loop
+without compile time). ``--profile DIR`` traces 3 more decode steps of each row with ``torch.profiler``.
+
 ``--tp N`` measures the same methods with the model sharded over ``N`` ranks by transformers' own tensor
 parallelism, the way users run it: ``from_pretrained(path, tp_plan="auto")`` under ``torchrun``. Without a launcher
 the bench starts one (:func:`launch`: ``torch.distributed.run --standalone``, ``N`` local processes). Rank 0 writes
