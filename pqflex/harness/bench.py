@@ -384,9 +384,9 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         model(ids[:, :1], **{CACHE_KWARG: warm}, logits_to_keep=1)
         _sync(device)
         t0 = time.perf_counter()
-        for start in range(0, context, prefill_chunk or context):
-            logits = model(ids[:, start:start + (prefill_chunk or context)], **{CACHE_KWARG: cache},
-                           logits_to_keep=1).logits
+        chunk = prefill_chunk or context
+        for start in range(0, context, chunk):
+            logits = model(ids[:, start:start + chunk], **{CACHE_KWARG: cache}, logits_to_keep=1).logits
         _sync(device)
         ttft = time.perf_counter() - t0
         token = logits[:, -1:].argmax(-1)
