@@ -39,6 +39,19 @@ def _runs(model, ids) -> dict[str, torch.Tensor]:
     return out
 
 
+def _compiled_decode(model, ids, n: int = 12) -> torch.Tensor:
+    """Greedy tokens with an eager prefill and a decode step compiled with ``fullgraph=True`` (what generate()
+    compiles on CUDA)."""
+    pqflex.configure(model, SPARSE)
+    cache = PQStaticCache(model, 320)
+    step = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        tokens = [model(ids, **{CACHE_KW: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)]
+        for _ in range(n - 1):
+            tokens.append(step(tokens[-1], **{CACHE_KW: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1))
+    return torch.cat(tokens, 1)
+
+
 def _rank(rank: int, port: int, path: str, queue, backend: str) -> None:
     import os
 
@@ -57,7 +70,17 @@ def _rank(rank: int, port: int, path: str, queue, backend: str) -> None:
         local_kv = attn.k_proj.weight.to_local().shape[0] // attn.head_dim
         ids = prompt(300).to(device)
         runs = {k: v.tolist() for k, v in _runs(model, ids).items()}  # no shared tensors: the rank exits
-        result = {"tp_size": model.tp_size, "local_kv_heads": local_kv, **runs}
+        with pqflex.tp_inference(model):  # the sharded Linear weights as plain local tensors
+            local_type = type(attn.k_proj.weight).__name__
+            runs.update({f"local {k}": v.tolist() for k, v in _runs(model, ids).items()})
+            runs["local compiled"] = _compiled_decode(model, ids).tolist()
+            try:
+                model(ids[:, :8])  # grad enabled: refused
+                grad_error = ""
+            except RuntimeError as e:
+                grad_error = str(e)
+        result = {"tp_size": model.tp_size, "local_kv_heads": local_kv, "local_type": local_type,
+                  "grad_error": grad_error, "restored_type": type(attn.k_proj.weight).__name__, **runs}
     except Exception:  # noqa: BLE001  (the parent reports it)
         result = {"error": traceback.format_exc()}
     queue.put((rank, result))
@@ -94,6 +117,10 @@ def test_two_rank_tensor_parallel_generation_equals_one_process(tmp_path, backen
         assert got["tp_size"] == WORLD and got["local_kv_heads"] == TINY["num_key_value_heads"] // WORLD
         for run in ("dynamic", "static", "offload", "dense"):
             assert got[run] == want[run].tolist(), (rank, run)
+            assert got[f"local {run}"] == want[run].tolist(), (rank, run)
+        assert got["local compiled"] == want["static"].tolist(), rank
+        assert (got["local_type"], got["restored_type"]) == ("Parameter", "DTensor")
+        assert "inside pqflex.tp_inference(), which serves inference only" in got["grad_error"]
     assert torch.equal(want["offload"], want["static"])  # offload selects and attends what the resident cache does
 
 

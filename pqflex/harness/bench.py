@@ -633,6 +633,7 @@ def main(args) -> int:
 def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) -> list[Result]:
     """Every (batch, context, method) of the command; ``load(attn)`` builds or loads the model of an attention
     implementation. Rank 0 prints each row as it is measured and rewrites ``--json`` after each."""
+    import pqflex
     from pqflex import PQConfig
 
     lead = _rank() == 0
@@ -651,7 +652,8 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
                     models[attn] = load(attn)
                 tp = getattr(models[attn], "tp_size", None) or 1
                 try:
-                    r = measure(args, method, batch, context, models[attn], device, dtype, options)
+                    with pqflex.tp_inference(models[attn]):  # what the README tells TP users to decode under
+                        r = measure(args, method, batch, context, models[attn], device, dtype, options)
                 except torch.cuda.OutOfMemoryError as e:  # the message says which allocation failed
                     print(f"rank {_rank()}: {method} batch {batch} context {context}: {str(e).splitlines()[0]}",
                           file=sys.stderr, flush=True)
