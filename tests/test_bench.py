@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,26 @@ def test_out_of_memory_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch, cap
     assert sdpa["error"] is None and sdpa["tpot_ms"] > 0
     assert "| tiny | pqcache | 1 | 1 | 64 | 0.1 | OOM | OOM |" in capsys.readouterr().out
     assert main(["bench", "--from-json", str(out)]) == 0  # an OOM row reads back
+
+
+def test_the_next_model_loads_after_the_last_ones_weights_are_freed(tmp_path, monkeypatch):
+    """Under TP transformers replaces each sharded layer's forward by a closure over the layer, a reference cycle:
+    a 70B model's weights then stayed on the GPU beside the next method's model (out of memory on two H200s)."""
+    layers = []
+    real = bench.build_model
+
+    def load(preset, attn, dtype, device):
+        assert all(ref() is None for ref in layers), "the previous model's layers are still alive"
+        model = real(preset, attn, dtype, device)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                forward = module.forward
+                module.forward = lambda *a, _m=module, _f=forward, **k: _f(*a, **k)  # the cycle TP makes
+                layers.append(weakref.ref(module))
+        return model
+
+    monkeypatch.setattr(bench, "build_model", load)
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--contexts", "64", "--methods",
+                 "pqcache,sdpa-static", "--new-tokens", "2", "--warmup", "1", "--no-generate", "--eager",
+                 "--no-layer-attention", "--json", str(tmp_path / "b.json")]) == 0
+    assert len(layers) == 2 * (7 * 2 + 1)  # two models of 2 layers: 7 Linear each, and the LM head

@@ -578,7 +578,8 @@ def measure(args, method: str, batch: int, context: int, model, device: str, dty
 
 
 def free_memory(device: str) -> None:
-    """Release what a failed run left: compiled graphs (and their CUDA graph pools), then cached blocks."""
+    """Release what a finished or failed run left: objects in reference cycles, compiled graphs (and their CUDA
+    graph pools), then cached blocks."""
     gc.collect()
     torch._dynamo.reset()
     if device.startswith("cuda"):
@@ -648,7 +649,9 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
                 attn = "pqcache" if method in PQ_METHODS else "sdpa"
                 if attn not in models:  # one model per attention implementation, reused across runs
                     models.clear()
-                    torch._dynamo.reset()
+                    # Under TP transformers wraps each sharded layer's forward in a closure over the layer: only
+                    # the cycle collector frees those weights, and the next model must not load beside them.
+                    free_memory(device)
                     models[attn] = load(attn)
                 tp = getattr(models[attn], "tp_size", None) or 1
                 try:
