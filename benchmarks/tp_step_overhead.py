@@ -5,19 +5,20 @@ parallelism"). This probe looks at the host side: a 32-layer Llama of tiny width
 and the step is mostly Python and dispatch), a compiled static-cache decode step (``fullgraph=True``), timed in one
 process and over 2 gloo ranks loaded with ``tp_plan="auto"``. Under ``cProfile`` the step's time is split into the
 collectives (gloo's all-reduces, slow on a CPU and absent from the GPU's question) and the rest; the rest is what
-transformers' sharded (DTensor) parameters add on the host per step. ``--localize-linear`` (an experiment, not
-something the library does) replaces every ``Linear``'s DTensor weight by its local shard after loading, which
-transformers' inference path for ``Linear`` accepts, to see how much of that host time the DTensor weights cost.
+transformers' sharded (DTensor) parameters add on the host per step. ``--tp-inference`` compiles and times the step
+inside ``pqflex.tp_inference(model)`` (each sharded ``Linear`` weight held as its local shard), to see how much of
+that host time the DTensor weights cost.
 ``--skip-guards`` times the steps under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (an experiment:
 Dynamo then runs the compiled graph without checking its guards), to see how much of it is guard evaluation.
 Usage::
 
-    PYTHONPATH=. python benchmarks/tp_step_overhead.py [--layers 32] [--steps 20] [--localize-linear] [--skip-guards]
+    PYTHONPATH=. python benchmarks/tp_step_overhead.py [--layers 32] [--steps 20] [--tp-inference] [--skip-guards]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
@@ -52,34 +53,30 @@ def step_profile(path: str, steps: int, localize: bool, skip_guards: bool = Fals
         dist.init_process_group("gloo")
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32,
                                                  **({"tp_plan": "auto"} if tp else {})).eval()
-    if tp and localize:
-        from torch.distributed.tensor import DTensor
+    import pqflex
 
-        for module in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
-            for name, param in list(module._parameters.items()):
-                if isinstance(param, DTensor):
-                    module._parameters[name] = torch.nn.Parameter(param.to_local(), requires_grad=False)
-    cache = StaticCache(config=model.config, max_cache_len=400)
-    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        token = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-        forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
-        for _ in range(3):
-            token = forward(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-        profile = cProfile.Profile()
-        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards)
-        with stance:
-            t0 = time.perf_counter()
-            profile.enable()
-            for _ in range(steps):
+    with pqflex.tp_inference(model) if localize else contextlib.nullcontext():  # tp_inference passes 1 process through
+        cache = StaticCache(config=model.config, max_cache_len=400)
+        ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            token = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+            for _ in range(3):
                 token = forward(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            profile.disable()
-            step = (time.perf_counter() - t0) / steps * 1e3
+            profile = cProfile.Profile()
+            stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards)
+            with stance:
+                t0 = time.perf_counter()
+                profile.enable()
+                for _ in range(steps):
+                    token = forward(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+                profile.disable()
+                step = (time.perf_counter() - t0) / steps * 1e3
     if not tp or dist.get_rank() == 0:
         stats = pstats.Stats(profile).stats
         collective = sum(v[2] for k, v in stats.items()  # tottime of the collectives' dispatch
                          if "c10d" in str(k) or k[2] == "redispatch") / steps * 1e3
-        extra = (", Linear weights local" if localize else "") + (", guards skipped" if skip_guards else "")
+        extra = (", tp_inference" if localize else "") + (", guards skipped" if skip_guards else "")
         name = f"{dist.get_world_size()} ranks (tp_plan='auto'{extra})" if tp else f"1 process{extra}"
         print(f"| {name} | {step:.2f} | {collective:.2f} | {step - collective:.2f} |", flush=True)
     if tp:
@@ -91,13 +88,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--localize-linear", action="store_true", help="Linear weights as local shards (experiment)")
+    parser.add_argument("--tp-inference", action="store_true", help="compile and time inside pqflex.tp_inference()")
     parser.add_argument("--skip-guards", action="store_true",
                         help="time under set_stance(skip_guard_eval_unsafe=True) (experiment)")
     parser.add_argument("--profile-checkpoint", default=None, help=argparse.SUPPRESS)  # a checkpoint path: profile it here
     args = parser.parse_args()
     if args.profile_checkpoint:
-        step_profile(args.profile_checkpoint, args.steps, args.localize_linear, args.skip_guards)
+        step_profile(args.profile_checkpoint, args.steps, args.tp_inference, args.skip_guards)
         return
     import transformers
 
@@ -106,7 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as path:
         write_checkpoint(path, args.layers)
         me = [sys.executable, os.path.abspath(__file__), "--profile-checkpoint", path, "--steps", str(args.steps),
-              *(["--localize-linear"] if args.localize_linear else []), *(["--skip-guards"] if args.skip_guards else [])]
+              *(["--tp-inference"] if args.tp_inference else []), *(["--skip-guards"] if args.skip_guards else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each rank: the same for both runs
         subprocess.run(me, check=True, env=env)
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
