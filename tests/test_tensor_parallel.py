@@ -131,3 +131,12 @@ def test_tensor_parallel_degree_must_divide_the_kv_heads():
         pqflex.configure(model, SPARSE)
     with pytest.raises(NotImplementedError, match="tp_size=2"):
         pqflex.PQCache(model, SPARSE)
+
+
+def test_tp_inference_passes_a_model_without_tensor_parallelism_through():
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).eval()
+    weights = [p for p in model.parameters()]
+    with pqflex.tp_inference(model) as same:
+        assert same is model and all(a is b for a, b in zip(model.parameters(), weights))
+        model(prompt(8))  # grad enabled is fine: nothing was swapped
+    assert all(a is b for a, b in zip(model.parameters(), weights))
