@@ -8,15 +8,16 @@ On two GPUs the compiled pqcache decode step of the Llama-3.1-8B shape took 1.5x
 - total: until the GPU has finished (the loop synchronizes after each step, as ``generate()`` does);
 
 first as compiled (``mode="reduce-overhead"``), then with Dynamo's guard evaluation skipped
-(``set_stance(skip_guard_eval_unsafe=True)``, an experiment), then, with ``--localize``, recompiled inside
-``pqflex.tp_inference(model)`` (each sharded ``Linear`` weight as its local shard, a plain tensor). Two steps run under ``torch.profiler``
-(Chrome trace per rank under ``--out``) and the kernel launches outside CUDA graphs are counted: if Inductor skipped
-CUDA graphs for the step, every kernel is launched from Python. ``TORCH_LOGS=cudagraphs`` prints why it would.
+(``set_stance(skip_guard_eval_unsafe=True)``, an experiment); with ``--tp-inference`` all of it inside
+``pqflex.tp_inference(model)`` (each sharded ``Linear`` weight as its local shard). Two steps run under
+``torch.profiler`` (Chrome trace per rank under ``--out``) and the kernel launches outside CUDA graphs are counted:
+if Inductor skipped CUDA graphs for the step, every kernel is launched from Python. ``TORCH_LOGS=cudagraphs`` prints
+why it would.
 
 Usage (a GPU; ``--tp 2`` relaunches itself under torch's launcher)::
 
     PYTHONPATH=. python benchmarks/tp_decode_probe.py --preset llama-3.1-8b --context 32768 [--tp 2] \
-        [--methods pqcache,sdpa-static] [--localize] [--out DIR]
+        [--methods pqcache,sdpa-static] [--tp-inference] [--out DIR]
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def profiled(forward, token, cache_kw: dict, path: str) -> tuple[torch.Tensor, d
     prof.export_chrome_trace(path)
     counts, kernel_us, nccl_us = {}, 0.0, 0.0
     for e in prof.events():
-        if e.name in ("cudaLaunchKernel", "cudaGraphLaunch", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"):
+        if e.name in ("cudaLaunchKernel", "cudaGraphLaunch", "cuLaunchKernel", "cuLaunchKernelEx",
+                      "cudaLaunchKernelExC"):
             counts[e.name] = counts.get(e.name, 0) + 1
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kernel_us += e.device_time
@@ -95,7 +97,10 @@ def probe(args) -> None:
             attn = "pqcache" if method == "pqcache" else "sdpa"
             torch._dynamo.reset()
             t = time.perf_counter()
-            model = bench.load_sharded(path, attn, dtype) if tp > 1 else bench.build_model(args.preset, attn, dtype, device)
+            if tp > 1:
+                model = bench.load_sharded(path, attn, dtype)
+            else:
+                model = bench.build_model(args.preset, attn, dtype, device)
             load_s = time.perf_counter() - t
             print(f"rank {rank} {method}: loaded in {load_s:.1f} s", flush=True)
             capacity = args.context + 64
@@ -107,7 +112,8 @@ def probe(args) -> None:
                 cache = StaticCache(config=model.config, max_cache_len=capacity)
             kw = {pqflex.CACHE_KWARG: cache}
             ids = bench.prompt_ids(model.config.vocab_size, 1, args.context, device, seed=0)
-            with torch.no_grad():
+            local = pqflex.tp_inference(model) if args.tp_inference else contextlib.nullcontext()
+            with torch.no_grad(), local:
                 t = time.perf_counter()
                 for start in range(0, args.context, 8192):
                     logits = model(ids[:, start:start + 8192], **kw, logits_to_keep=1).logits
@@ -124,18 +130,9 @@ def probe(args) -> None:
                 token, row["host_ms"], row["step_ms"] = timed_steps(forward, token, kw, args.steps)
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     token, row["noguard_host_ms"], row["noguard_step_ms"] = timed_steps(forward, token, kw, args.steps)
-                token, prof = profiled(forward, token, kw, os.path.join(args.out, f"trace_{method}_tp{tp}_rank{rank}.json"))
+                trace = os.path.join(args.out, f"trace_{method}_tp{tp}_rank{rank}.json")
+                token, prof = profiled(forward, token, kw, trace)
                 row.update(prof)
-                if args.localize and tp > 1:
-                    torch._dynamo.reset()
-                    with pqflex.tp_inference(model):
-                        forward = torch.compile(model.forward, fullgraph=True, dynamic=False, mode=mode)
-                        token, _, _ = timed_steps(forward, token, kw, 3)
-                        token, row["local_host_ms"], row["local_step_ms"] = timed_steps(forward, token, kw,
-                                                                                        args.steps)
-                        token, prof = profiled(forward, token, kw, os.path.join(
-                            args.out, f"trace_{method}_tp{tp}_rank{rank}_local.json"))
-                        row.update({f"local_{k}": v for k, v in prof.items()})
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device != "cpu" else None
             out[method] = row
             print(f"rank {rank} {method}: " + json.dumps({k: round(v, 3) if isinstance(v, float) else v
@@ -153,12 +150,13 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--methods", default="pqcache", help="comma-separated: pqcache, sdpa-static")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--localize", action="store_true", help="also time Linear weights as local shards (TP only)")
+    parser.add_argument("--tp-inference", action="store_true", help="decode inside pqflex.tp_inference(model)")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.tp > 1 and "WORLD_SIZE" not in os.environ:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.tp)))}
+        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.tp)))
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                str(args.tp), os.path.abspath(__file__), *sys.argv[1:]], env=env).returncode
     probe(args)
