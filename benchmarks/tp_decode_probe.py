@@ -126,6 +126,13 @@ def probe(args) -> None:
                 token, _, _ = timed_steps(forward, token, kw, 3)
                 compile_s = time.perf_counter() - t
                 print(f"rank {rank} {method}: compiled in {compile_s:.1f} s", flush=True)
+                if rank == 0:  # where the compile time went (Dynamo tracing, AOT, Inductor codegen and compile)
+                    from torch._dynamo.utils import compile_times
+
+                    phases = ("bytecode_tracing", "create_aot_dispatcher_function", "fx_codegen_and_compile",
+                              "async_compile.wait", "compile_file")
+                    print("\n".join(line for line in compile_times(repr="str", aggregate=True).splitlines()
+                                    if line.split(" ")[0] in phases), flush=True)
                 row = {"tp": tp, "load_s": load_s, "prefill_s": prefill_s, "compile_s": compile_s}
                 token, row["host_ms"], row["step_ms"] = timed_steps(forward, token, kw, args.steps)
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
