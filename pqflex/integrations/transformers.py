@@ -150,7 +150,8 @@ def tp_inference(model: nn.Module) -> Iterator[nn.Module]:
     wrapper unwraps, at every step, before the step's CUDA graph is launched. On two H100s (Llama-3.1-8B shape)
     that was ~9 ms of host time a token, while the GPU waited.
 
-    For inference only: a forward with grad enabled inside the block raises (``generate()`` runs without grad).
+    For inference only: calling the model with grad enabled inside the block raises (``generate()`` runs without
+    grad).
     A model without tensor parallelism passes through unchanged. Yields the model.
     """
     try:
