@@ -151,8 +151,7 @@ def tp_inference(model: nn.Module) -> Iterator[nn.Module]:
     that was ~9 ms of host time a token, while the GPU waited.
 
     For inference only: calling the model with grad enabled inside the block raises (``generate()`` runs without
-    grad).
-    A model without tensor parallelism passes through unchanged. Yields the model.
+    grad). A model without tensor parallelism passes through unchanged. Yields the model.
     """
     try:
         from torch.distributed.tensor import DTensor
