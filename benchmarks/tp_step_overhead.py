@@ -8,11 +8,14 @@ collectives (gloo's all-reduces, slow on a CPU and absent from the GPU's questio
 transformers' sharded (DTensor) parameters add on the host per step. ``--tp-inference`` compiles and times the step
 inside ``pqflex.tp_inference(model)`` (each sharded ``Linear`` weight held as its local shard), to see how much of
 that host time the DTensor weights cost.
+``--filter-closure-guards`` compiles with a ``guard_filter_fn`` that drops the guards reached through a function's
+closure (transformers installs each sharded layer's ``forward`` as a closure over the layer; an experiment).
 ``--skip-guards`` times the steps under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (an experiment:
 Dynamo then runs the compiled graph without checking its guards), to see how much of it is guard evaluation.
 Usage::
 
-    PYTHONPATH=. python benchmarks/tp_step_overhead.py [--layers 32] [--steps 20] [--tp-inference] [--skip-guards]
+    PYTHONPATH=. python benchmarks/tp_step_overhead.py [--layers 32] [--steps 20] [--tp-inference] [--filter-closure-guards]
+        [--skip-guards]
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ def write_checkpoint(path: str, layers: int) -> None:
               metadata={"format": "pt"})  # every other weight is initialized randomly at load
 
 
-def step_profile(path: str, steps: int, localize: bool, skip_guards: bool = False) -> None:
+def _no_closure_guards(entries) -> list[bool]:
+    """Keep every guard but those reached through a closure cell (``guard_filter_fn``)."""
+    return [".__closure__" not in entry.name for entry in entries]
+
+
+def step_profile(path: str, steps: int, localize: bool, skip_guards: bool = False,
+                 filter_closures: bool = False) -> None:
     """Load (sharded when under a launcher), compile the decode step, print rank 0's split."""
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, StaticCache
@@ -60,7 +69,8 @@ def step_profile(path: str, steps: int, localize: bool, skip_guards: bool = Fals
         ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             token = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+            options = {"guard_filter_fn": _no_closure_guards} if filter_closures else None
+            forward = torch.compile(model.forward, fullgraph=True, dynamic=False, options=options)
             for _ in range(3):
                 token = forward(token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
             profile = cProfile.Profile()
@@ -76,7 +86,8 @@ def step_profile(path: str, steps: int, localize: bool, skip_guards: bool = Fals
         stats = pstats.Stats(profile).stats
         collective = sum(v[2] for k, v in stats.items()  # tottime of the collectives' dispatch
                          if "c10d" in str(k) or k[2] == "redispatch") / steps * 1e3
-        extra = (", tp_inference" if localize else "") + (", guards skipped" if skip_guards else "")
+        extra = ((", tp_inference" if localize else "") + (", closure guards filtered" if filter_closures else "")
+                 + (", guards skipped" if skip_guards else ""))
         name = f"{dist.get_world_size()} ranks (tp_plan='auto'{extra})" if tp else f"1 process{extra}"
         print(f"| {name} | {step:.2f} | {collective:.2f} | {step - collective:.2f} |", flush=True)
     if tp:
@@ -89,12 +100,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--tp-inference", action="store_true", help="compile and time inside pqflex.tp_inference()")
+    parser.add_argument("--filter-closure-guards", action="store_true",
+                        help="compile without the guards reached through closures (experiment)")
     parser.add_argument("--skip-guards", action="store_true",
                         help="time under set_stance(skip_guard_eval_unsafe=True) (experiment)")
     parser.add_argument("--profile-checkpoint", default=None, help=argparse.SUPPRESS)  # a checkpoint path: profile it here
     args = parser.parse_args()
     if args.profile_checkpoint:
-        step_profile(args.profile_checkpoint, args.steps, args.tp_inference, args.skip_guards)
+        step_profile(args.profile_checkpoint, args.steps, args.tp_inference, args.skip_guards,
+                     args.filter_closure_guards)
         return
     import transformers
 
@@ -103,7 +117,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as path:
         write_checkpoint(path, args.layers)
         me = [sys.executable, os.path.abspath(__file__), "--profile-checkpoint", path, "--steps", str(args.steps),
-              *(["--tp-inference"] if args.tp_inference else []), *(["--skip-guards"] if args.skip_guards else [])]
+              *(["--tp-inference"] if args.tp_inference else []), *(["--skip-guards"] if args.skip_guards else []),
+              *(["--filter-closure-guards"] if args.filter_closure_guards else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each rank: the same for both runs
         subprocess.run(me, check=True, env=env)
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
