@@ -62,6 +62,23 @@ def test_bench_profile_writes_a_trace_and_a_table(tmp_path):
     assert "Self CPU" in (tmp_path / "tiny_pqcache_b1_n300_rank0.txt").read_text()
 
 
+def test_bench_graphed_decodes_through_a_decode_graph(tmp_path, monkeypatch):
+    import pqflex
+
+    made = []
+    real = pqflex.DecodeGraph
+    monkeypatch.setattr(pqflex, "DecodeGraph", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--contexts", "300", "--methods",
+                 "pqcache,sdpa-static,sdpa", "--new-tokens", "2", "--warmup", "2", "--no-generate", "--graphed",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["graphed"] for r in rows] == [True, True, False]  # sdpa (a growing cache) is not compiled
+    assert [m._calls for m in made] == [4, 4] and all(r["tpot_ms"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="a graphed decode needs warmup >= 2 .* got 1"):
+        bench.run_method("tiny", "pqcache", 1, 300, 0.1, 1, 1, torch.float32, "cpu", graphed=True)
+
+
 def test_bench_rejects_a_bad_prefill_chunk(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--preset", "tiny", "--device", "cpu", "--prefill-chunk", "0"])

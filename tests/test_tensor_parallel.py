@@ -39,16 +39,23 @@ def _runs(model, ids) -> dict[str, torch.Tensor]:
     return out
 
 
-def _compiled_decode(model, ids, n: int = 12) -> torch.Tensor:
+def _compiled_decode(model, ids, n: int = 12, graphed: bool = False) -> torch.Tensor:
     """Greedy tokens with an eager prefill and a decode step compiled with ``fullgraph=True`` (what generate()
-    compiles on CUDA)."""
+    compiles on CUDA); ``graphed``: through a :class:`pqflex.DecodeGraph` (on CUDA, replayed from a CUDA graph from
+    the third step on)."""
     pqflex.configure(model, SPARSE)
     cache = PQStaticCache(model, 320)
-    step = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    if graphed:
+        step = pqflex.DecodeGraph(model, cache)
+    else:
+        compiled = torch.compile(model.forward, fullgraph=True, dynamic=False)
+
+        def step(token):
+            return compiled(token, **{CACHE_KW: cache}, logits_to_keep=1).logits
     with torch.no_grad():
         tokens = [model(ids, **{CACHE_KW: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)]
         for _ in range(n - 1):
-            tokens.append(step(tokens[-1], **{CACHE_KW: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1))
+            tokens.append(step(tokens[-1])[:, -1:].argmax(-1))
     return torch.cat(tokens, 1)
 
 
@@ -74,6 +81,7 @@ def _rank(rank: int, port: int, path: str, queue, backend: str) -> None:
             local_type = type(attn.k_proj.weight).__name__
             runs.update({f"local {k}": v.tolist() for k, v in _runs(model, ids).items()})
             runs["local compiled"] = _compiled_decode(model, ids).tolist()
+            runs["local graphed"] = _compiled_decode(model, ids, graphed=True).tolist()
             try:
                 model(ids[:, :8])  # grad enabled: refused
                 grad_error = ""
@@ -119,6 +127,7 @@ def test_two_rank_tensor_parallel_generation_equals_one_process(tmp_path, backen
             assert got[run] == want[run].tolist(), (rank, run)
             assert got[f"local {run}"] == want[run].tolist(), (rank, run)
         assert got["local compiled"] == want["static"].tolist(), rank
+        assert got["local graphed"] == want["static"].tolist(), rank
         assert (got["local_type"], got["restored_type"]) == ("Parameter", "DTensor")
         assert "inside pqflex.tp_inference(), which serves inference only" in got["grad_error"]
     assert torch.equal(want["offload"], want["static"])  # offload selects and attends what the resident cache does

@@ -10,7 +10,8 @@ Speed does not depend on the weights, so each preset builds its model from a con
 - ``sdpa``: transformers' SDPA with its ``DynamicCache``, eager.
 
 Compiled steps use ``torch.compile(fullgraph=True, dynamic=False)``, with CUDA graphs (``mode="reduce-overhead"``)
-on CUDA. Reported: TTFT (the prefill forward, index build included), TPOT (median of the timed decode steps after
+on CUDA; with ``--graphed`` they go through a :class:`pqflex.DecodeGraph` instead (the compiled step captured once
+and replayed without Dynamo's per-step guard checks). Reported: TTFT (the prefill forward, index build included), TPOT (median of the timed decode steps after
 the warm-up steps), the decode attention time of one layer at that context (a CUDA-graphed micro-benchmark of the
 method's attention step; dense SDPA for the sdpa methods), peak GPU memory, card and versions; and TTFT and TPOT
 as a user sees them, through ``model.generate()`` with a timestamp at every token (:func:`run_generate`:
@@ -115,6 +116,7 @@ class Result:
     error: str | None = None
     prefill_chunk: int | None = None  # tokens per prefill forward (None: the whole prompt in one)
     compiled: bool | None = None  # the decode loop ran torch.compile'd (False: eager, --eager)
+    graphed: bool | None = None  # decode steps replayed from a pqflex.DecodeGraph (--graphed)
 
 
 def model_config(preset: str):
@@ -340,7 +342,8 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
 
 def run_method(preset: str, method: str, batch: int, context: int, budget, new_tokens: int, warmup: int,
                dtype: torch.dtype, device: str, options: dict[str, Any] | None = None, model=None,
-               prefill_chunk: int | None = None, compile: bool = True, profile: str | None = None) -> Result:
+               prefill_chunk: int | None = None, compile: bool = True, profile: str | None = None,
+               graphed: bool = False) -> Result:
     """Prefill ``context`` random tokens, then decode ``warmup + new_tokens`` steps; time TTFT and TPOT.
 
     ``prefill_chunk`` tokens per prefill forward (``None``: the whole prompt in one), as ``generate()``'s
@@ -348,6 +351,8 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
     ``compile=False`` decodes the :data:`COMPILED` methods eagerly too (no compile time: capacity and TTFT rows).
     ``profile`` (a directory): after the timed steps, 3 more under ``torch.profiler`` (CPU, and CUDA on a GPU),
     written there as a Chrome trace and a table of the ops by self host time, one pair per rank.
+    ``graphed``: the compiled methods decode through a :class:`pqflex.DecodeGraph` (on CUDA: its first warm-up step
+    compiles, its second captures the CUDA graph, the timed steps replay it without Dynamo's guards).
     """
     import pqflex
     from pqflex import CACHE_KWARG
@@ -368,11 +373,19 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
     else:
         cache = DynamicCache(config=model.config)
     setup = time.perf_counter() - t0
-    forward = model.forward
     compiled = compile and method in COMPILED
-    if compiled:
+    graphed = graphed and compiled
+    if graphed and warmup < 2:
+        raise ValueError(f"a graphed decode needs warmup >= 2 (a compiling step and a capturing one), got {warmup}")
+    if graphed:
+        decode = pqflex.DecodeGraph(model, cache)
+    else:
         mode = "reduce-overhead" if device.startswith("cuda") else None
-        forward = torch.compile(model.forward, fullgraph=True, dynamic=False, mode=mode)
+        forward = torch.compile(model.forward, fullgraph=True, dynamic=False, mode=mode) if compiled else model.forward
+
+        def decode(token: torch.Tensor) -> torch.Tensor:
+            return forward(token, **{CACHE_KWARG: cache}, logits_to_keep=1).logits
+    tree = compiled and not graphed and device.startswith("cuda")  # CUDA-graph trees: mark each step
     ids = prompt_ids(model.config.vocab_size, batch, context, device, seed=0)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -392,25 +405,24 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         token = logits[:, -1:].argmax(-1)
         times = []
         for step in range(warmup + new_tokens):
-            if compiled and device.startswith("cuda"):
+            if tree:
                 torch.compiler.cudagraph_mark_step_begin()
             _sync(device)
             t0 = time.perf_counter()
-            logits = forward(token, **{CACHE_KWARG: cache}, logits_to_keep=1).logits
-            token = logits[:, -1:].argmax(-1)
+            token = decode(token)[:, -1:].argmax(-1)
             _sync(device)
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
         if profile:
             name = f"{preset}_{method}_b{batch}_n{context}_rank{_rank()}"
-            token = profile_steps(lambda t: forward(t, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1:]
-                                  .argmax(-1), token, compiled and device.startswith("cuda"), device,
+            token = profile_steps(lambda t: decode(t)[:, -1:].argmax(-1), token, tree, device,
                                   os.path.join(profile, name))
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
     kv, hits = cache_stats(cache)
     return Result(preset, method, batch, context, shown_budget(method, budget), ttft, statistics.median(times) * 1e3,
                   None, peak, len(times), kv_gib=kv, hit_rate=hits, cache_setup_s=setup,
-                  tp=getattr(model, "tp_size", None) or 1, prefill_chunk=prefill_chunk, compiled=compiled)
+                  tp=getattr(model, "tp_size", None) or 1, prefill_chunk=prefill_chunk, compiled=compiled,
+                  graphed=graphed)
 
 
 def profile_steps(step, token: torch.Tensor, graphs: bool, device: str, path: str, steps: int = 3) -> torch.Tensor:
@@ -568,7 +580,8 @@ def measure(args, method: str, batch: int, context: int, model, device: str, dty
     :func:`layer_attention_us`."""
     chunk = args.prefill_chunk
     r = run_method(args.preset, method, batch, context, args.budget, args.new_tokens, args.warmup, dtype, device,
-                   options, model=model, prefill_chunk=chunk, compile=not args.eager, profile=args.profile)
+                   options, model=model, prefill_chunk=chunk, compile=not args.eager, profile=args.profile,
+                   graphed=args.graphed)
     if not args.no_generate:
         r.gen_ttft_s, r.gen_tpot_ms = run_generate(model, method, batch, context, args.new_tokens, args.warmup,
                                                    device, prefill_chunk=chunk)

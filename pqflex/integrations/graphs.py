@@ -1,0 +1,116 @@
+"""One decode step captured as a CUDA graph and replayed: :class:`DecodeGraph`.
+
+``torch.compile(mode="reduce-overhead")`` (what ``generate()`` uses for a static cache) already replays a CUDA graph,
+but every call first evaluates Dynamo's guards in Python and the CUDA-graph tree's input checks: 1.6 ms a token for
+the Llama-3.1-8B shape on one H200, 3-3.5 ms on each of two tensor-parallel ranks (BENCHMARKS.md), host time the GPU
+waits through when each token is read back. A :class:`DecodeGraph` captures the compiled step once, for one model
+and one static cache, and then only copies the new token in and replays the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from pqflex.integrations.transformers import CACHE_KWARG
+
+
+def _captured(cache: Cache) -> list[Any]:
+    """The objects a captured step reads from ``cache`` whose replacement would leave the graph reading stale memory:
+    each layer's key/value buffers and position counter; a pqflex cache's PQ indexes and offload stores too."""
+    found = []
+    for layer in cache.layers:
+        found += [getattr(layer, name, None) for name in ("keys", "values", "cumulative_length")]
+    for pq_layer in getattr(cache, "pq_layers", ()):
+        found += [pq_layer.index, pq_layer.store]
+    return found
+
+
+class DecodeGraph:
+    """Greedy-loop decode steps of ``model`` over ``cache``, replayed from a captured CUDA graph.
+
+    ``graph(input_ids)`` runs one decode step, like ``model(input_ids, cache=cache, logits_to_keep=1).logits``:
+    ``input_ids`` is ``[B, 1]``, the cache advances by one token and the logits ``[B, 1, vocab]`` come back in a
+    buffer that the next step overwrites (clone it to keep it). Nothing synchronizes with the host.
+
+    The forward is compiled (``fullgraph=True, dynamic=False``). On CUDA, the first ``warmup`` calls run the compiled
+    step as it is (compilation, Triton autotuning); the next one captures it as a CUDA graph and every call after
+    that copies ``input_ids`` into the graph's input and replays it, without Dynamo's guards. On a CPU every call runs
+    the compiled step.
+
+    The cache must be prefilled before the first call and have a fixed capacity (:class:`pqflex.PQStaticCache`, or
+    transformers' ``StaticCache`` for dense attention). When a new prefill replaces the buffers the graph reads (a
+    PQ cache builds new indexes), the next call captures again. The graph reads the model's weights where they were
+    at capture: update them in place, and under tensor parallelism call it inside the same
+    :func:`pqflex.tp_inference` block that captured it. The batch size is fixed by the first call.
+
+    Args:
+        model: a transformers causal LM.
+        cache: the static cache the steps decode into.
+        warmup: calls before capturing (at least 1: compilation and autotuning must not run during a capture).
+        backend: ``torch.compile``'s backend.
+    """
+
+    def __init__(self, model: nn.Module, cache: Cache, warmup: int = 1, backend: str = "inductor") -> None:
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1 (calls before the capture), got {warmup!r}")
+        if not isinstance(cache, Cache) or not all(hasattr(layer, "max_cache_len") for layer in cache.layers):
+            raise TypeError(f"DecodeGraph needs a fixed-capacity cache (pqflex.PQStaticCache or transformers' "
+                            f"StaticCache), got {type(cache).__name__}")
+        self.model, self.cache, self.warmup = model, cache, warmup
+        self._compiled = torch.compile(model.forward, fullgraph=True, dynamic=False, backend=backend)
+        self._calls = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._ids: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+        self._reads: list[Any] = []
+
+    @property
+    def captured(self) -> bool:
+        """A CUDA graph of the step exists and replays it."""
+        return self._graph is not None
+
+    def _step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._compiled(input_ids, **{CACHE_KWARG: self.cache}, logits_to_keep=1).logits
+
+    def _check(self, input_ids: torch.Tensor) -> None:
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            shown = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, 1] tensor of token ids (one decode step), got {shown}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if self._ids is not None and (input_ids.shape != self._ids.shape or input_ids.device != self._ids.device):
+            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} on {input_ids.device}: this graph was "
+                             f"captured for {tuple(self._ids.shape)} on {self._ids.device}; make a new DecodeGraph "
+                             "for another batch size")
+        if not self.cache.layers[0].is_initialized:
+            raise RuntimeError("DecodeGraph: the cache is empty; prefill it (a forward of the prompt) before "
+                               "decoding")
+
+    def _capture(self, input_ids: torch.Tensor) -> None:
+        self._graph, self._reads = None, []  # release the last capture's memory first
+        self._ids = input_ids.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._logits = self._step(self._ids)
+        self._graph, self._reads = graph, _captured(self.cache)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._check(input_ids)
+        self._calls += 1
+        if input_ids.device.type != "cuda" or self._calls <= self.warmup:
+            if input_ids.device.type == "cuda":
+                self._ids = input_ids.new_empty(input_ids.shape)  # fixes the batch size and device
+            return self._step(input_ids)
+        reads = _captured(self.cache)
+        if self._graph is None or len(reads) != len(self._reads) or any(a is not b for a, b in
+                                                                          zip(reads, self._reads)):
+            self._capture(input_ids)
+        else:
+            self._ids.copy_(input_ids)
+        self._graph.replay()
+        return self._logits

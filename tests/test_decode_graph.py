@@ -1,0 +1,107 @@
+"""pqflex.DecodeGraph: decode steps replayed from a captured CUDA graph (on a CPU: the compiled step)."""
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+import pqflex
+from pqflex import DecodeGraph, PQStaticCache
+
+from tests.test_transformers import CACHE_KW, SPARSE, make, prompt
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def prefill(model, cache, ids):
+    with torch.no_grad():
+        return model(ids, **{CACHE_KW: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
+
+
+def greedy(step, token, n):
+    """``n`` greedy tokens from ``step(token) -> logits``; the logits of every step, cloned."""
+    tokens, logits = [], []
+    for _ in range(n):
+        out = step(token)
+        logits.append(out.clone())
+        token = out[:, -1:].argmax(-1)
+        tokens.append(token)
+    return torch.cat(tokens, 1), torch.cat(logits, 1)
+
+
+def plain_step(model, cache):
+    def step(token):
+        with torch.no_grad():
+            return model(token, **{CACHE_KW: cache}, logits_to_keep=1).logits
+    return step
+
+
+def models(device="cpu"):
+    pq = make("llama").to(device)
+    pqflex.configure(pq, SPARSE)
+    dense = make("llama", "sdpa").to(device)
+    return pq, dense
+
+
+def cache_maker(which, pq, dense):
+    """The model and a fresh-cache factory of a kind: ``pqcache``, ``offload`` (KV in CPU memory) or ``sdpa``."""
+    return {"pqcache": (pq, lambda: PQStaticCache(pq, 330)),
+            "offload": (pq, lambda: PQStaticCache(pq, 330, SPARSE.replace(offload=True), max_batch_size=2)),
+            "sdpa": (dense, lambda: StaticCache(config=dense.config, max_cache_len=330))}[which]
+
+
+@pytest.mark.parametrize("which", ["pqcache", "offload", "sdpa"])
+def test_decode_graph_on_the_cpu_decodes_like_the_plain_forward(which):
+    pq, dense = models()
+    model, new_cache = cache_maker(which, pq, dense)
+    ids = prompt(300, batch=2)
+    cache = new_cache()
+    want = greedy(plain_step(model, cache), prefill(model, cache, ids), 8)[0]
+    cache = new_cache()
+    graph = DecodeGraph(model, cache, backend="eager")
+    assert torch.equal(greedy(graph, prefill(model, cache, ids), 8)[0], want)
+    assert not graph.captured  # no CUDA: every call runs the compiled step
+    cache.reset()  # a new prompt in the same cache
+    assert torch.equal(greedy(graph, prefill(model, cache, ids), 8)[0], want)
+
+
+def test_decode_graph_errors():
+    pq, _ = models()
+    cache = PQStaticCache(pq, 330)
+    with pytest.raises(TypeError, match="fixed-capacity cache .* got DynamicCache"):
+        DecodeGraph(pq, DynamicCache(config=pq.config))
+    with pytest.raises(ValueError, match="warmup must be an int >= 1 .* got 0"):
+        DecodeGraph(pq, cache, warmup=0)
+    graph = DecodeGraph(pq, cache, backend="eager")
+    with pytest.raises(RuntimeError, match="the cache is empty; prefill it"):
+        graph(torch.zeros(1, 1, dtype=torch.long))
+    token = prefill(pq, cache, prompt(300))
+    with pytest.raises(ValueError, match=r"input_ids must be a \[batch, 1\] tensor .* got \(1, 2\)"):
+        graph(torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer token ids, got torch.float32"):
+        graph(token.float())
+    assert graph(token).shape == (1, 1, pq.config.vocab_size)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["pqcache", "offload", "sdpa"])
+def test_decode_graph_replays_the_compiled_step_exactly(which):
+    """The captured graph gives the compiled step's logits bit for bit, and captures again after a new prefill."""
+    pq, dense = models("cuda")
+    model, new_cache = cache_maker(which, pq, dense)
+    ids = prompt(300, batch=2).cuda()
+    cache = new_cache()
+    compiled = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        want = greedy(lambda t: compiled(t, **{CACHE_KW: cache}, logits_to_keep=1).logits, prefill(model, cache, ids),
+                      10)
+    cache = new_cache()
+    graph = DecodeGraph(model, cache, warmup=2)
+    got = greedy(graph, prefill(model, cache, ids), 10)
+    assert graph.captured
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    cache.reset()
+    again = greedy(graph, prefill(model, cache, ids), 10)
+    assert torch.equal(again[0], want[0]) and torch.equal(again[1], want[1])
+    with pytest.raises(ValueError, match=r"captured for \(2, 1\)"):
+        graph(want[0][:1, :1])
