@@ -77,6 +77,9 @@ def test_bench_graphed_decodes_through_a_decode_graph(tmp_path, monkeypatch):
     assert [m._calls for m in made] == [4, 4] and all(r["tpot_ms"] > 0 for r in rows)
     with pytest.raises(ValueError, match="a graphed decode needs warmup >= 2 .* got 1"):
         bench.run_method("tiny", "pqcache", 1, 300, 0.1, 1, 1, torch.float32, "cpu", graphed=True)
+    r = bench.run_method("tiny", "sdpa-static", 1, 300, 0.1, 1, 2, torch.float32, "cpu", graphed=True, compile=False)
+    assert (r.graphed, r.compiled) == (True, False)  # --eager --graphed: the eager step captured (on CUDA)
+    assert made[-1]._forward == made[-1].model.forward
 
 
 def test_bench_rejects_a_bad_prefill_chunk(capsys):

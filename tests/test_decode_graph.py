@@ -84,19 +84,21 @@ def test_decode_graph_errors():
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("which", ["pqcache", "offload", "sdpa"])
-def test_decode_graph_replays_the_compiled_step_exactly(which):
-    """The captured graph gives the compiled step's logits bit for bit, and captures again after a new prefill."""
+@pytest.mark.parametrize("which,compiled", [("pqcache", True), ("offload", True), ("sdpa", True),
+                                            ("pqcache", False), ("sdpa", False)])
+def test_decode_graph_replays_the_step_exactly(which, compiled):
+    """The captured graph gives the compiled (or eager) step's logits bit for bit, and captures again after a new
+    prefill."""
     pq, dense = models("cuda")
     model, new_cache = cache_maker(which, pq, dense)
     ids = prompt(300, batch=2).cuda()
     cache = new_cache()
-    compiled = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compiled else model.forward
     with torch.no_grad():
-        want = greedy(lambda t: compiled(t, **{CACHE_KW: cache}, logits_to_keep=1).logits, prefill(model, cache, ids),
+        want = greedy(lambda t: forward(t, **{CACHE_KW: cache}, logits_to_keep=1).logits, prefill(model, cache, ids),
                       10)
     cache = new_cache()
-    graph = DecodeGraph(model, cache, warmup=2)
+    graph = DecodeGraph(model, cache, warmup=2, compile=compiled)
     got = greedy(graph, prefill(model, cache, ids), 10)
     assert graph.captured
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -105,3 +107,39 @@ def test_decode_graph_replays_the_compiled_step_exactly(which):
     assert torch.equal(again[0], want[0]) and torch.equal(again[1], want[1])
     with pytest.raises(ValueError, match=r"captured for \(2, 1\)"):
         graph(want[0][:1, :1])
+
+
+class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on the ops that read a device value on the host (a sync on CUDA, an error inside a CUDA graph capture).
+    pqflex's own ops are opaque here: their CUDA kernels run the same launchers under torch.compile's CUDA graphs."""
+
+    SYNCS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            raise AssertionError(f"host sync in the decode step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("which", ["pqcache", "sdpa"])
+def test_the_eager_decode_step_reads_nothing_back_while_a_graph_is_captured(which, monkeypatch):
+    """What DecodeGraph(compile=False) captures on CUDA: the eager step, checked on the CPU with the C kernels (a CPU
+    fast path that reads the position) off and a capture simulated."""
+    from pqflex.integrations import transformers as glue
+    from pqflex.ops import native
+
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    pq, dense = models()
+    model, new_cache = cache_maker(which, pq, dense)
+    cache = new_cache()
+    token = prefill(model, cache, prompt(300, batch=2))
+    with torch.no_grad():
+        model(token, **{CACHE_KW: cache}, logits_to_keep=1)  # the eager step checks the position on the host
+        monkeypatch.setattr(glue, "_capturing", lambda: True)
+        with _NoHostSync():
+            model(token, **{CACHE_KW: cache}, logits_to_keep=1)
+    if which == "pqcache":  # the capacity check the capture skips is a sync, which the mode sees
+        monkeypatch.setattr(glue, "_capturing", lambda: False)
+        with torch.no_grad(), pytest.raises(AssertionError, match="host sync"), _NoHostSync():
+            model(token, **{CACHE_KW: cache}, logits_to_keep=1)

@@ -352,7 +352,8 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
     ``profile`` (a directory): after the timed steps, 3 more under ``torch.profiler`` (CPU, and CUDA on a GPU),
     written there as a Chrome trace and a table of the ops by self host time, one pair per rank.
     ``graphed``: the compiled methods decode through a :class:`pqflex.DecodeGraph` (on CUDA: its first warm-up step
-    compiles, its second captures the CUDA graph, the timed steps replay it without Dynamo's guards).
+    compiles, its second captures the CUDA graph, the timed steps replay it without Dynamo's guards); with
+    ``compile=False`` it captures the eager step (no compile time).
     """
     import pqflex
     from pqflex import CACHE_KWARG
@@ -374,11 +375,11 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         cache = DynamicCache(config=model.config)
     setup = time.perf_counter() - t0
     compiled = compile and method in COMPILED
-    graphed = graphed and compiled
+    graphed = graphed and method in COMPILED
     if graphed and warmup < 2:
         raise ValueError(f"a graphed decode needs warmup >= 2 (a compiling step and a capturing one), got {warmup}")
     if graphed:
-        decode = pqflex.DecodeGraph(model, cache)
+        decode = pqflex.DecodeGraph(model, cache, compile=compiled)
     else:
         mode = "reduce-overhead" if device.startswith("cuda") else None
         forward = torch.compile(model.forward, fullgraph=True, dynamic=False, mode=mode) if compiled else model.forward

@@ -36,10 +36,11 @@ class DecodeGraph:
     ``input_ids`` is ``[B, 1]``, the cache advances by one token and the logits ``[B, 1, vocab]`` come back in a
     buffer that the next step overwrites (clone it to keep it). Nothing synchronizes with the host.
 
-    The forward is compiled (``fullgraph=True, dynamic=False``). On CUDA, the first ``warmup`` calls run the compiled
-    step as it is (compilation, Triton autotuning); the next one captures it as a CUDA graph and every call after
-    that copies ``input_ids`` into the graph's input and replays it, without Dynamo's guards. On a CPU every call runs
-    the compiled step.
+    The forward is compiled (``fullgraph=True, dynamic=False``) unless ``compile=False``. On CUDA, the first ``warmup``
+    calls run the step as it is (compilation, Triton autotuning); the next one captures it as a CUDA graph and every
+    call after that copies ``input_ids`` into the graph's input and replays it, without Dynamo's guards. On a CPU
+    every call runs the step. ``compile=False`` captures the eager forward: no compile time (minutes for a large
+    model), more and unfused kernels in the graph.
 
     The cache must be prefilled before the first call and have a fixed capacity (:class:`pqflex.PQStaticCache`, or
     transformers' ``StaticCache`` for dense attention). When a new prefill replaces the buffers the graph reads (a
@@ -52,16 +53,19 @@ class DecodeGraph:
         cache: the static cache the steps decode into.
         warmup: calls before capturing (at least 1: compilation and autotuning must not run during a capture).
         backend: ``torch.compile``'s backend.
+        compile: compile the forward (``False``: capture the eager one).
     """
 
-    def __init__(self, model: nn.Module, cache: Cache, warmup: int = 1, backend: str = "inductor") -> None:
+    def __init__(self, model: nn.Module, cache: Cache, warmup: int = 1, backend: str = "inductor",
+                 compile: bool = True) -> None:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1 (calls before the capture), got {warmup!r}")
         if not isinstance(cache, Cache) or not all(hasattr(layer, "max_cache_len") for layer in cache.layers):
             raise TypeError(f"DecodeGraph needs a fixed-capacity cache (pqflex.PQStaticCache or transformers' "
                             f"StaticCache), got {type(cache).__name__}")
         self.model, self.cache, self.warmup = model, cache, warmup
-        self._compiled = torch.compile(model.forward, fullgraph=True, dynamic=False, backend=backend)
+        self._forward = (torch.compile(model.forward, fullgraph=True, dynamic=False, backend=backend) if compile
+                         else model.forward)
         self._calls = 0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._ids: torch.Tensor | None = None
@@ -74,7 +78,7 @@ class DecodeGraph:
         return self._graph is not None
 
     def _step(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._compiled(input_ids, **{CACHE_KWARG: self.cache}, logits_to_keep=1).logits
+        return self._forward(input_ids, **{CACHE_KWARG: self.cache}, logits_to_keep=1).logits
 
     def _check(self, input_ids: torch.Tensor) -> None:
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] != 1:

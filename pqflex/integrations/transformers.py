@@ -464,7 +464,7 @@ class PQStaticCache(PQCacheMixin, Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _check_update(self, layer: StaticLayer, key_states: torch.Tensor) -> None:
-        if layer.is_initialized and not torch.compiler.is_compiling():  # eager forwards: say what went wrong
+        if layer.is_initialized and not torch.compiler.is_compiling() and not _capturing():  # eager: say what's wrong
             batch, new = key_states.shape[0], key_states.shape[-2]
             if batch != layer.keys.shape[0]:
                 raise ValueError(f"this PQStaticCache holds batches of {layer.keys.shape[0]} sequences, got "
@@ -480,6 +480,12 @@ class PQStaticCache(PQCacheMixin, Cache):
 
     def _filled(self, layer_idx: int) -> torch.Tensor:
         return self.layers[layer_idx].cumulative_length
+
+
+def _capturing() -> bool:
+    """A CUDA graph is being captured on the current stream (an eager step captured by :class:`pqflex.DecodeGraph`):
+    no host synchronization allowed."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 class _OffloadLayer(StaticLayer):
