@@ -80,6 +80,10 @@ def test_decode_graph_errors():
     with pytest.raises(TypeError, match="integer token ids, got torch.float32"):
         graph(token.float())
     assert graph(token).shape == (1, 1, pq.config.vocab_size)
+    for _ in range(384 - 301):  # the capacity, rounded up to 128, minus the prompt and the step above
+        graph(token)
+    with pytest.raises(ValueError, match=r"the cache is full \(384 tokens per sequence\)"):
+        graph(token)
 
 
 @cuda

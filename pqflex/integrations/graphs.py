@@ -30,7 +30,7 @@ def _captured(cache: Cache) -> list[Any]:
 
 
 class DecodeGraph:
-    """Greedy-loop decode steps of ``model`` over ``cache``, replayed from a captured CUDA graph.
+    """Decode steps of ``model`` over ``cache``, replayed from a captured CUDA graph.
 
     ``graph(input_ids)`` runs one decode step, like ``model(input_ids, cache=cache, logits_to_keep=1).logits``:
     ``input_ids`` is ``[B, 1]``, the cache advances by one token and the logits ``[B, 1, vocab]`` come back in a
@@ -46,7 +46,9 @@ class DecodeGraph:
     transformers' ``StaticCache`` for dense attention). When a new prefill replaces the buffers the graph reads (a
     PQ cache builds new indexes), the next call captures again. The graph reads the model's weights where they were
     at capture: update them in place, and under tensor parallelism call it inside the same
-    :func:`pqflex.tp_inference` block that captured it. The batch size is fixed by the first call.
+    :func:`pqflex.tp_inference` block that captured it. The batch size is fixed by the first call. A step past the
+    cache's capacity raises ``ValueError``: the free positions are read from the cache (one sync) when a count kept
+    on the host runs out.
 
     Args:
         model: a transformers causal LM.
@@ -71,6 +73,11 @@ class DecodeGraph:
         self._ids: torch.Tensor | None = None
         self._logits: torch.Tensor | None = None
         self._reads: list[Any] = []
+        self._left: int | None = None  # free positions in the cache, counted down on the host
+
+    def _free_positions(self) -> int:
+        layer = self.cache.layers[0]
+        return layer.max_cache_len - int(layer.cumulative_length)
 
     @property
     def captured(self) -> bool:
@@ -102,17 +109,28 @@ class DecodeGraph:
             self._logits = self._step(self._ids)
         self._graph, self._reads = graph, _captured(self.cache)
 
+    def _stale(self) -> bool:
+        """A captured graph reads buffers that the cache no longer holds (a new prefill replaced them)."""
+        reads = _captured(self.cache)
+        return len(reads) != len(self._reads) or any(a is not b for a, b in zip(reads, self._reads))
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         self._check(input_ids)
+        stale = self._graph is not None and self._stale()
+        if stale or not self._left:  # a new prompt, or the count ran out: read what is free
+            self._left = self._free_positions()
+            if self._left < 1:
+                raise ValueError(f"the cache is full ({self.cache.layers[0].max_cache_len} tokens per sequence); "
+                                 "create it with max_cache_len >= prompt + new tokens, or reset() it and prefill "
+                                 "a new prompt")
+        self._left -= 1
         self._calls += 1
         if input_ids.device.type != "cuda" or self._calls <= self.warmup:
             if input_ids.device.type == "cuda":
                 self._ids = input_ids.new_empty(input_ids.shape)  # fixes the batch size and device
             return self._step(input_ids)
-        reads = _captured(self.cache)
-        if self._graph is None or len(reads) != len(self._reads) or any(a is not b for a, b in
-                                                                          zip(reads, self._reads)):
+        if self._graph is None or stale:
             self._capture(input_ids)
         else:
             self._ids.copy_(input_ids)
