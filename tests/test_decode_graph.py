@@ -86,6 +86,22 @@ def test_decode_graph_errors():
         graph(token)
 
 
+def test_decode_graph_counts_the_free_positions_of_each_new_prompt():
+    """A short prompt decoded a little, then a longer one in the same cache: the longer one's free positions count."""
+    pq, _ = models()
+    cache = PQStaticCache(pq, 384)
+    graph = DecodeGraph(pq, cache, backend="eager")
+    token = prefill(pq, cache, prompt(100))
+    for _ in range(10):
+        graph(token)
+    cache.reset()
+    token = prefill(pq, cache, prompt(380))
+    for _ in range(4):
+        graph(token)
+    with pytest.raises(ValueError, match=r"the cache is full \(384 tokens per sequence\)"):
+        graph(token)
+
+
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("which,compiled", [("pqcache", True), ("offload", True), ("sdpa", True),

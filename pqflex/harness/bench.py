@@ -11,10 +11,10 @@ Speed does not depend on the weights, so each preset builds its model from a con
 
 Compiled steps use ``torch.compile(fullgraph=True, dynamic=False)``, with CUDA graphs (``mode="reduce-overhead"``)
 on CUDA; with ``--graphed`` they go through a :class:`pqflex.DecodeGraph` instead (the compiled step captured once
-and replayed without Dynamo's per-step guard checks). Reported: TTFT (the prefill forward, index build included), TPOT (median of the timed decode steps after
-the warm-up steps), the decode attention time of one layer at that context (a CUDA-graphed micro-benchmark of the
-method's attention step; dense SDPA for the sdpa methods), peak GPU memory, card and versions; and TTFT and TPOT
-as a user sees them, through ``model.generate()`` with a timestamp at every token (:func:`run_generate`:
+and replayed without Dynamo's per-step guard checks). Reported: TTFT (the prefill forward, index build included),
+TPOT (median of the timed decode steps after the warm-up steps), the decode attention time of one layer at that
+context (a CUDA-graphed micro-benchmark of the method's attention step; dense SDPA for the sdpa methods), peak GPU
+memory, card and versions; and TTFT and TPOT as a user sees them, through ``model.generate()`` with a timestamp at every token (:func:`run_generate`:
 generate compiles the static caches' decode step itself, with CUDA graphs on CUDA).
 
 What fits: ``--batch`` with ``--prefill-chunk N`` (the prompt in ``N``-token forwards, as ``generate()``'s

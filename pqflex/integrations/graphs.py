@@ -34,7 +34,7 @@ class DecodeGraph:
 
     ``graph(input_ids)`` runs one decode step, like ``model(input_ids, cache=cache, logits_to_keep=1).logits``:
     ``input_ids`` is ``[B, 1]``, the cache advances by one token and the logits ``[B, 1, vocab]`` come back in a
-    buffer that the next step overwrites (clone it to keep it). Nothing synchronizes with the host.
+    buffer that the next step overwrites (clone it to keep it).
 
     The forward is compiled (``fullgraph=True, dynamic=False``) unless ``compile=False``. On CUDA, the first ``warmup``
     calls run the step as it is (compilation, Triton autotuning); the next one captures it as a CUDA graph and every
@@ -47,8 +47,10 @@ class DecodeGraph:
     PQ cache builds new indexes), the next call captures again. The graph reads the model's weights where they were
     at capture: update them in place, and under tensor parallelism call it inside the same
     :func:`pqflex.tp_inference` block that captured it. The batch size is fixed by the first call. A step past the
-    cache's capacity raises ``ValueError``: the free positions are read from the cache (one sync) when a count kept
-    on the host runs out.
+    cache's capacity raises ``ValueError``: the steps count down on the host the free positions read from the cache
+    (one sync) at the first call, after a new prefill replaced the buffers, and when the count runs out; no other
+    step synchronizes. (A transformers ``StaticCache`` reset in place keeps its buffers: after a longer new prompt the
+    count runs out late.)
 
     Args:
         model: a transformers causal LM.
@@ -72,8 +74,8 @@ class DecodeGraph:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._ids: torch.Tensor | None = None
         self._logits: torch.Tensor | None = None
-        self._reads: list[Any] = []
-        self._left: int | None = None  # free positions in the cache, counted down on the host
+        self._reads: list[Any] = []  # what the cache held at the last count (and capture): see _captured
+        self._left = 0  # free positions in the cache, counted down on the host
 
     def _free_positions(self) -> int:
         layer = self.cache.layers[0]
@@ -102,22 +104,20 @@ class DecodeGraph:
                                "decoding")
 
     def _capture(self, input_ids: torch.Tensor) -> None:
-        self._graph, self._reads = None, []  # release the last capture's memory first
+        self._graph = None  # release the last capture's memory first
         self._ids = input_ids.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._logits = self._step(self._ids)
-        self._graph, self._reads = graph, _captured(self.cache)
-
-    def _stale(self) -> bool:
-        """A captured graph reads buffers that the cache no longer holds (a new prefill replaced them)."""
-        reads = _captured(self.cache)
-        return len(reads) != len(self._reads) or any(a is not b for a, b in zip(reads, self._reads))
+        self._graph = graph
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         self._check(input_ids)
-        stale = self._graph is not None and self._stale()
+        reads = _captured(self.cache)
+        stale = len(reads) != len(self._reads) or any(a is not b for a, b in zip(reads, self._reads))
+        if stale:  # a new prefill (or the first call): the graph, if any, reads freed buffers
+            self._reads = reads
         if stale or not self._left:  # a new prompt, or the count ran out: read what is free
             self._left = self._free_positions()
             if self._left < 1:
