@@ -140,7 +140,7 @@ class PQConfig:
         _check_int("train_points", self.train_points, 0)
         _check_int("cpu_niter", self.cpu_niter, 1)
         _check_int("cpu_train_points", self.cpu_train_points, 0)
-        _check_int("seed", self.seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
+        _check_int("seed", self.seed, 0, 2**63 - 1)  # the k-means op's int64 argument
         _check_float("tol", self.tol, 0.0, math.inf)
         if self.kmeans_device not in KMEANS_DEVICES:
             raise ValueError(f"PQConfig.kmeans_device={self.kmeans_device!r}; allowed: {KMEANS_DEVICES}")

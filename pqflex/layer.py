@@ -12,7 +12,9 @@ layer) and calls :meth:`PQLayer.forward` with the tensors; the runtime decides t
   batched k-means: at the first decode step, or after the last layer's prompt forward of a fixed-capacity cache.
 - **step**: a forward after the prompt. Its new keys are encoded with the prompt's centroids, and each query
   attends its sink + top-k + recent tokens. A forward of one token after the prompt is a decode step; so a
-  prompt chunk of a single token is taken for one.
+  prompt chunk of a single token is taken for one. A crop also ends the prompt: ``generate()`` crops only to take
+  back speculative tokens (assisted and prompt-lookup decoding), whose verification forwards hold several tokens
+  and are steps.
 
 The KV store is the caller's: ``key``/``value`` hold exactly the cached tokens (a growing cache) or a
 fixed-capacity buffer whose first ``n`` rows are filled (``n`` a 0-d device tensor, so a decode step never syncs).
@@ -46,7 +48,8 @@ class PQLayer:
     Attributes:
         index: the :class:`PQIndex` of the prompt (and the tokens decoded since), None before it is built.
         prompt_tokens: tokens of the prompt so far (0 before the first prefill).
-        decoding: True once a decode step ran; later multi-token forwards are steps, not prompt chunks.
+        decoding: True once a decode step ran or the cache was cropped; later multi-token forwards are steps, not
+            prompt chunks.
     """
 
     def __init__(self, config: PQConfig, capacity: int | None = None, deferred: bool = False) -> None:
@@ -55,8 +58,8 @@ class PQLayer:
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be None (growing cache) or an int >= 1, got {capacity!r}")
         if config.offload and capacity is None:
-            raise NotImplementedError("PQConfig(offload=True) needs a fixed-capacity cache: pass "
-                                      "past_key_values=pqflex.PQStaticCache(model, max_cache_len) to generate()")
+            raise NotImplementedError("PQConfig(offload=True) needs a fixed-capacity cache: give generate() a "
+                                      "pqflex.PQStaticCache(model, max_cache_len)")
         self.config, self.capacity, self.deferred = config, capacity, deferred
         self.store: OffloadedKV | None = None  # offload: every cached key and value
         self.job: concurrent.futures.Future | None = None  # CPU k-means of the prompt, collected by the owner
@@ -84,7 +87,7 @@ class PQLayer:
         if not self.config.offload:
             raise RuntimeError("PQLayer.update_kv is the KV store of an offloaded cache (PQConfig(offload=True))")
         S = key.shape[-2]
-        if S > 1 and not self.decoding:  # S first: a compiled step never guards on `decoding`
+        if self.takes_prompt(S):
             if torch.compiler.is_compiling():
                 raise RuntimeError("pqflex: run the prefill eagerly (generate() does); only decode steps compile")
             first = int(cached)
@@ -113,9 +116,16 @@ class PQLayer:
             scale: softmax scale; default ``D ** -0.5``.
             n: 0-d int tensor, tokens cached in a fixed-capacity buffer (the new ones included); None otherwise.
         """
-        if query.shape[-2] > 1 and not self.decoding:  # S first: a compiled step never guards on `decoding`
+        if self.takes_prompt(query.shape[-2]):
             return self.prefill(key, value, kv_mask, query=query, scale=scale, n=n)
         return self.step(query, key, value, kv_mask, scale, n)
+
+    def takes_prompt(self, S: int) -> bool:
+        """Whether a forward of ``S`` new tokens is (a chunk of) the prompt: several tokens before decoding
+        started, or the first forward of the sequence whatever its length (a one-token prompt)."""
+        # S and is_compiling() first: a compiled decode step never guards on the Python state below.
+        return ((S > 1 or (not torch.compiler.is_compiling() and self.index is None and self.prompt is None
+                           and self.prompt_tokens == 0)) and not self.decoding)
 
     def prefill(self, key: torch.Tensor, value: torch.Tensor, kv_mask: torch.Tensor | None = None, *,
                 query: torch.Tensor | None = None, scale: float | None = None,
@@ -191,11 +201,15 @@ class PQLayer:
         index.append(key[:, :, N - S:])
         return index.attend(query, key, value, scale)
 
-    def select_batch(self, indices: torch.Tensor) -> None:
-        """Keep the sequences ``indices`` ``[B']`` in that order (beam search reorders, contrastive search picks)."""
+    def check_select_batch(self) -> None:
+        """Raise (changing nothing) if :meth:`select_batch` would refuse."""
         if self.config.offload:
             raise NotImplementedError("pqflex: reordering or selecting sequences (beam search, contrastive search) "
                                       "is not supported with PQConfig(offload=True); use greedy or sampling")
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Keep the sequences ``indices`` ``[B']`` in that order (beam search reorders, contrastive search picks)."""
+        self.check_select_batch()
         if self.index is None:
             if self.prompt is not None:
                 key, mask = self.prompt
@@ -210,17 +224,28 @@ class PQLayer:
             self._mark_static(new)
             self.index = new
 
+    def check_crop(self, n: int) -> None:
+        """Raise (changing nothing) if :meth:`crop` to ``n`` tokens would refuse: into an indexed prompt."""
+        if self.index is not None and n < self.prompt_tokens:
+            static = ("; a fixed-capacity cache decodes one token per forward: for assisted or prompt-lookup decoding "
+                      "pass a pqflex.PQCache" if self.capacity is not None else "")
+            raise NotImplementedError(f"pqflex: cannot crop to {n} tokens, inside the indexed prompt of "
+                                      f"{self.prompt_tokens}; reset() and prefill again{static}")
+
+    def end_prompt(self) -> None:
+        """The prompt is complete: the next forward, of any length, is a step (the cache was cropped)."""
+        if self.prompt_tokens or self.index is not None:
+            self.decoding = True
+
     def crop(self, n: int) -> None:
         """Forget the tokens from position ``n`` on; once indexed, only decoded tokens can go."""
+        self.check_crop(n)
         if self.index is None:
             self.prompt_tokens = min(self.prompt_tokens, n)
             if self.prompt is not None:
                 key, mask = self.prompt
                 self.prompt = key[:, :, :n], None if mask is None else mask[:, :n]
             return
-        if n < self.prompt_tokens:
-            raise NotImplementedError(f"pqflex: cannot crop to {n} tokens, inside the indexed prompt of "
-                                      f"{self.prompt_tokens}; reset() and prefill again")
         if self.capacity is None:
             self.index.truncate(n)
         if self.store is not None:
@@ -299,10 +324,11 @@ class PQCacheState:
         """:meth:`PQLayer.forward` of layer ``layer_idx``, indexing every layer's prompt once it is complete."""
         layer = self.layer(layer_idx, config)
         S = query.shape[-2]
-        if S == 1 and layer.index is None and not torch.compiler.is_compiling():
+        prompt = layer.takes_prompt(S)
+        if not prompt and layer.index is None and not torch.compiler.is_compiling():
             self.build_pending()
         out = layer.forward(query, key, value, kv_mask, scale, n)
-        if self.capacity is not None and S > 1 and not layer.decoding:
+        if self.capacity is not None and prompt:
             last = layer_idx == self.num_layers - 1
             group = -(-self.num_layers // OVERLAP_GROUPS)
             if key.is_cuda and config.kmeans_device == "cpu":  # each layer's k-means on the CPU as it comes
@@ -392,16 +418,30 @@ class PQCacheState:
         for layer in self.layers.values():
             layer.reset()
 
+    def check_select_batch(self) -> None:
+        """Raise (changing nothing) if :meth:`select_batch` would refuse."""
+        for layer in self.layers.values():
+            layer.check_select_batch()
+
     def select_batch(self, indices: torch.Tensor) -> None:
+        self.check_select_batch()  # every layer first: a refused selection changes nothing
         for layer in self.layers.values():
             layer.select_batch(indices)
 
+    def check_crop(self, n: int) -> None:
+        """Raise (changing nothing) if :meth:`crop` to ``n`` tokens would refuse."""
+        for layer in self.layers.values():
+            layer.check_crop(n)
+
     def crop(self, n: int) -> None:
-        for layer in self.layers.values():  # checks first: a refused crop changes nothing
-            if layer.index is not None and n < layer.prompt_tokens:
-                layer.crop(n)
+        self.check_crop(n)  # every layer first: a refused crop changes nothing
         for layer in self.layers.values():
             layer.crop(n)
+
+    def end_prompt(self) -> None:
+        """Every layer's prompt is complete (see :meth:`PQLayer.end_prompt`)."""
+        for layer in self.layers.values():
+            layer.end_prompt()
 
     @property
     def nbytes(self) -> int:

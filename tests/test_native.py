@@ -41,6 +41,62 @@ def test_switch_and_a_failed_build_fall_back_with_one_warning(monkeypatch, tmp_p
         native.library.cache_clear()
 
 
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+
+
+@needs_gcc
+def test_cc_with_flags_is_honoured(monkeypatch, tmp_path):
+    """``CC="gcc -O2"`` is a command with flags (it used to be looked up as one program name and fail)."""
+    log = tmp_path / "args"
+    wrapper = tmp_path / "cc.sh"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec gcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PQFLEX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", f"{wrapper} -O2 -DPQFLEX_FLAG_SEEN")
+    native.library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.library() is not None
+        assert "-O2 -DPQFLEX_FLAG_SEEN" in log.read_text()
+    finally:
+        native.library.cache_clear()
+
+
+@needs_gcc
+@pytest.mark.parametrize("damage", ["garbage", "other symbols"])
+def test_a_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path, damage):
+    """A cached file that does not load, or loads without the kernels, is rebuilt instead of warned about on every
+    run (or failing with AttributeError at the first CPU decode step). Checked in a new process: this one has the
+    library loaded, and the dynamic loader would hand that back for the same path."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("PQFLEX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "gcc")
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+    finally:
+        native.library.cache_clear()
+    (built,) = tmp_path.glob("cpu_kernels-*")
+    built.unlink()  # a new file, not the loaded one changed in place (this process has it mapped)
+    if damage == "garbage":
+        built.write_bytes(b"not a shared object")
+    else:
+        other = tmp_path / "other.c"
+        other.write_text("int something_else(void) { return 1; }\n")
+        subprocess.run(["gcc", "-shared", "-fPIC", str(other), "-o", str(built)], check=True)
+    check = ("import warnings, torch\nwarnings.simplefilter('error')\nfrom pqflex.ops import native, reference\n"
+             "from tests.test_sparse_attention import make_inputs\n"
+             "assert native.library() is not None\n"
+             "q, k, v, idx, valid = make_inputs(1, 2, 2, 16, 40, 10, device='cpu')\n"
+             "torch.testing.assert_close(native.sparse_decode_attention(q, k, v, idx, valid, 0.5),\n"
+             "                           reference.sparse_decode_attention(q, k, v, idx, valid, 0.5))\n")
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 @needs_native
 @pytest.mark.parametrize("B,Hkv,G,M,nbits,N,frac", [
     (1, 2, 4, 8, 8, 1000, 0.1),

@@ -9,7 +9,7 @@ import pqflex
 from pqflex import PQCache, PQConfig, PQIndex, PQStaticCache, ProductQuantizer, retrieval_attention
 from pqflex.integrations import lm_eval as lm_eval_glue
 
-from tests.test_transformers import CACHE_KW, SPARSE, generate, make, prompt
+from tests.test_transformers import CACHE_KW, FALCON_ROUTED, SPARSE, generate, make, prompt
 
 
 def test_padded_row_shorter_than_the_sink_next_to_a_sparse_row():
@@ -34,9 +34,13 @@ def test_config_is_validated_against_the_model_when_configuring():
     model.set_attn_implementation("pqcache")
     with pytest.raises(ValueError, match="PQConfig.M=3 does not divide the head dim 8"):
         lm_eval_glue.apply(model, {"M": 3})
-    with pytest.raises(ValueError, match=r"PQConfig.seed=18446744073709551616 is out of range"):
-        PQConfig(seed=2**64)
-    PQConfig(seed=2**64 - 1)
+    for seed in (2**63, 2**64 - 1, 2**64):  # 2**63 .. 2**64 - 1 passed once and failed at the first decode step
+        with pytest.raises(ValueError, match=rf"PQConfig.seed={seed} is out of range; allowed: \[0, {2**63 - 1}\]"):
+            PQConfig(seed=seed)
+    top = SPARSE.replace(seed=2**63 - 1)  # the largest seed builds and decodes
+    pqflex.configure(model, top)
+    assert generate(model, prompt(300), n=2).shape == (1, 2)
+    assert generate(model, prompt(300), n=2, **{CACHE_KW: PQStaticCache(model, 310)}, disable_compile=True).shape == (1, 2)
 
 
 def test_static_cache_misuse_says_what_to_do():
@@ -93,6 +97,16 @@ def test_unsupported_families_raise_one_sentence_naming_the_class():
     assert "tensor([" not in str(err.value) and len(str(err.value)) < 200
     falcon = AutoModelForCausalLM.from_config(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                            num_attention_heads=4))
+    if FALCON_ROUTED:  # served (tests/test_transformers.py runs it as an ARCHS entry); ALiBi Falcon is refused
+        alibi = AutoModelForCausalLM.from_config(FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                                              num_attention_heads=4, alibi=True),
+                                                 attn_implementation="pqcache")
+        for build in (lambda: pqflex.configure(alibi), lambda: PQCache(alibi),
+                      lambda: generate(alibi, prompt(10), n=2)):
+            with pytest.raises(NotImplementedError, match=r"ALiBi position bias .*\(FalconAttention, config.alibi\)"):
+                build()
+        pqflex.configure(falcon)
+        return
     for build in (lambda: pqflex.configure(falcon), lambda: PQCache(falcon)):
         with pytest.raises(NotImplementedError, match="FalconForCausalLM has no transformers attention layers"):
             build()

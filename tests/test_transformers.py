@@ -5,8 +5,10 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers import (AttentionInterface, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config,
-                          Qwen3Config)
+import transformers
+from packaging.version import Version
+from transformers import (AttentionInterface, AutoModelForCausalLM, FalconConfig, LlamaConfig, MistralConfig,
+                          Qwen2Config, Qwen3Config)
 
 import pqflex
 from pqflex import PQCache, PQConfig, PQIndex
@@ -23,6 +25,15 @@ ARCHS = {
     "qwen2": lambda: Qwen2Config(**TINY),
     "qwen3": lambda: Qwen3Config(**TINY, head_dim=16),
 }
+# Falcon's attention goes through transformers' attention interface from 5.25 on (before, pqcache refuses it:
+# tests/test_robustness.py). Its GQA layout ("new decoder architecture", 2 KV heads) and its multi-query one.
+FALCON_ROUTED = Version(transformers.__version__).release >= (5, 25)
+FALCON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+              max_position_embeddings=4096, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+              initializer_range=0.2)  # at the default 0.02 the tiny model emits one token whatever it attends
+if FALCON_ROUTED:
+    ARCHS["falcon"] = lambda: FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=2)
+    ARCHS["falcon-mqa"] = lambda: FalconConfig(**FALCON, multi_query=True)
 SPARSE = PQConfig(budget=48, sink_size=4, min_context=0, niter=8)
 CACHE_KW = pq_tf.CACHE_KWARG
 

@@ -47,6 +47,7 @@ _UNSUPPORTED_CONFIG = {
     "is_encoder_decoder": "encoder-decoder models",
     "kv_lora_rank": "multi-head latent attention (MLA)",
     "attn_logit_softcapping": "attention logit soft-capping",
+    "alibi": "ALiBi position bias (added to the attention mask)",
 }
 
 
@@ -198,7 +199,8 @@ def _pass_cache(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple
     """Forward pre-hook of an attention module: hand this forward's cache to the attention function."""
     if getattr(module.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         return None
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the keyword's name from transformers 5.24 / before
+    # Found by type, not by name: `cache` (transformers >= 5.24), `past_key_values` before, `layer_past` (Falcon).
+    cache = next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
     return args, {**kwargs, CACHE_ARG: cache}
 
 
@@ -337,23 +339,55 @@ class PQCacheMixin:
         super().reset()
         self.pq_state.reset()
 
+    # Each operation below checks what the PQ state would refuse before the keys change, and the keys' own checks
+    # run before the PQ state changes: it happens to the keys, values and PQ state together, or raises and changes
+    # nothing.
+
+    def _check_batch_indices(self, indices: torch.Tensor, what: str) -> None:
+        layer = self.layers[0] if self.layers else None
+        batch = layer.keys.shape[0] if layer is not None and getattr(layer, "keys", None) is not None else None
+        if not torch.is_tensor(indices) or indices.dim() != 1 or indices.is_floating_point() or indices.is_complex():
+            shown = f"{indices.dtype} {tuple(indices.shape)}" if torch.is_tensor(indices) else type(indices).__name__
+            raise ValueError(f"{what} must be a 1-D integer tensor of sequence indices, got {shown}")
+        if batch is not None and indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < batch):
+            raise IndexError(f"{what} holds {indices.tolist()[:8]}...; allowed: sequence indices in [0, {batch})")
+        self.pq_state.check_select_batch()
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._check_batch_indices(beam_idx, "beam_idx")
         super().reorder_cache(beam_idx)
         self.pq_state.select_batch(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._check_batch_indices(indices, "indices")
         super().batch_select_indices(indices)
         self.pq_state.select_batch(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
         batch = self.layers[0].keys.shape[0] if self.layers and self.layers[0].keys is not None else 0
+        self.pq_state.check_select_batch()
         super().batch_repeat_interleave(repeats)
         self.pq_state.select_batch(torch.arange(batch).repeat_interleave(repeats))
 
     def crop(self, max_length: int) -> None:
-        n = int(self.get_seq_length()) + max_length if max_length < 0 else max_length  # < 0: tokens to remove
-        self.pq_state.crop(n)  # before the keys go: a refused crop changes nothing
-        super().crop(max_length)
+        """Forget cached tokens: ``max_length < 0`` removes that many; ``0`` removes none; ``> 0`` is the length to
+        keep where the installed transformers still accepts that (before 5.24; it raises from 5.24 on). The PQ state
+        forgets the same tokens; only decoded tokens can go (cropping into an indexed prompt raises).
+
+        A crop, even of 0 tokens, ends the prompt: ``generate()`` crops after each verification forward of assisted
+        or prompt-lookup decoding, and the multi-token forwards after it are decode steps, not prompt chunks."""
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise ValueError(f"crop takes an int (tokens to remove as a negative number), got {max_length!r}")
+        seq = int(self.get_seq_length())
+        n = max(seq + max_length, 0) if max_length < 0 else (max_length if max_length > 0 else seq)
+        if n < seq:
+            self.pq_state.check_crop(n)
+        super().crop(max_length)  # raises where transformers refuses the value, before anything changed
+        if n < seq:
+            self.pq_state.crop(n)
+        self.pq_state.end_prompt()
 
 
 class PQCache(PQCacheMixin, DynamicCache):
@@ -464,8 +498,11 @@ class PQStaticCache(PQCacheMixin, Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _check_update(self, layer: StaticLayer, key_states: torch.Tensor) -> None:
+        batch, new = key_states.shape[0], key_states.shape[-2]
+        if not layer.is_initialized and new > layer.max_cache_len:  # shapes only: checked even when compiling
+            raise ValueError(f"this PQStaticCache holds {layer.max_cache_len} tokens per sequence: a prompt of {new} "
+                             "does not fit; create it with max_cache_len >= prompt + max_new_tokens")
         if layer.is_initialized and not torch.compiler.is_compiling() and not _capturing():  # eager: say what's wrong
-            batch, new = key_states.shape[0], key_states.shape[-2]
             if batch != layer.keys.shape[0]:
                 raise ValueError(f"this PQStaticCache holds batches of {layer.keys.shape[0]} sequences, got "
                                  f"{batch}; create a new PQStaticCache for another batch size")
@@ -530,10 +567,12 @@ def pqcache_mask(**kwargs: Any) -> torch.Tensor | None:
 
     The prefill runs sdpa and reads the left padding from this mask; decode steps take the padding from the index
     and ignore it. An eager forward of several queries without padding gets None (causal SDPA), so a long prefill
-    into a fixed-capacity cache never materializes a ``[B, 1, S, capacity]`` mask.
+    into a fixed-capacity cache never materializes a ``[B, 1, S, capacity]`` mask, unless the model asks for the
+    mask itself (``allow_is_causal_skip=False``: Falcon adds ALiBi onto it).
     """
     padding = kwargs.get("attention_mask")
-    if (kwargs.get("q_length", 1) > 1 and kwargs.get("mask_function") is causal_mask_function
+    if (kwargs.get("allow_is_causal_skip", True) and kwargs.get("q_length", 1) > 1
+            and kwargs.get("mask_function") is causal_mask_function
             and kwargs.get("kv_offset", 0) == 0 and not torch.compiler.is_compiling()
             and (padding is None or bool(padding.all()))):
         return None

@@ -258,7 +258,7 @@ static void select_head(const float *table, const uint8_t *codes, int64_t csn, i
 }
 
 /* out[g] = softmax(scale * q_g . K[rows]) V[rows] for the G query heads q (rows qs apart) of one KV head; a head
- * with no rows gets zeros, NaN probabilities count as 0 (the reference's nan_to_num). */
+ * with no rows gets zeros. A NaN or infinite input gives NaN, as in SDPA: a numerical fault never looks valid. */
 static void attend_head(const float *q, int64_t qs, const float *key, int64_t ksn, const float *value, int64_t vsn,
                         const int64_t *rows, int64_t n, int64_t G, int64_t D, float scale, float *logits,
                         float *out) {
@@ -274,10 +274,7 @@ static void attend_head(const float *q, int64_t qs, const float *key, int64_t ks
     for (int64_t g = 0; g < G; g++) {
         float *l = logits + g * n;
         float inv = n > 0 ? 1.0f / exp_shifted(l, n, max_of(l, n)) : 0.0f;
-        for (int64_t t = 0; t < n; t++) {
-            float p = l[t] * inv;
-            l[t] = p == p ? p : 0.0f;
-        }
+        for (int64_t t = 0; t < n; t++) l[t] *= inv;
         for (int64_t d = 0; d < D; d++) out[g * D + d] = 0.0f;
     }
     for (int64_t t = 0; t < n; t++) {  /* each value row is read once too */

@@ -4,8 +4,9 @@ ctypes.
 On the CPU a decode step through the plain-torch reference is a chain of small tensor ops (ADC scores of every
 head, a softmax, a sort-free top-k, a gather, attention), and their per-op overhead makes it slower than dense
 attention at the contexts a CPU runs. The C kernels do each op in one pass (fp32 only). They are built with the
-system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into ``$PQFLEX_CACHE_DIR`` (default
-``~/.cache/pqflex``), once per source version, and loaded with ctypes: no torch headers, about a second to build.
+system C compiler (``$CC``, with any flags in it, else ``cc``/``gcc``/``clang``) into ``$PQFLEX_CACHE_DIR`` (default
+``~/.cache/pqflex``), once per source version and compiler command, and loaded with ctypes: no torch headers, about a
+second to build. A cached file that does not load or lacks the kernels is rebuilt once.
 
 Where no compiler is found or the build fails, :func:`library` returns None, one warning says why, and the ops
 run the reference. ``PQFLEX_NATIVE=0`` turns the kernels off. The kernels are checked against the reference in
@@ -15,12 +16,14 @@ run the reference. ``PQFLEX_NATIVE=0`` turns the kernels off. The kernels are ch
 
 from __future__ import annotations
 
+import _ctypes
 import concurrent.futures
 import ctypes
 import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,15 +48,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pqflex"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+def _compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` split like a shell word list (``CC="gcc -O2"`` keeps its flags), else the
+    first of ``cc``, ``gcc`` and ``clang`` on the PATH."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
+    found = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    return None if found is None else [found]
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: safe when concurrent
         out = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"]
+        cmd = [*compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[-500:]}")
@@ -77,6 +85,16 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def _load(target: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(target))
+    try:
+        return _declare(lib)
+    except AttributeError:  # loaded without the kernels: unload it, or a rebuild at this path would get it back
+        if hasattr(_ctypes, "dlclose"):
+            _ctypes.dlclose(lib._handle)
+        raise
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, built first if needed; None (after one warning) where they cannot be had."""
@@ -87,14 +105,21 @@ def library() -> ctypes.CDLL | None:
         warnings.warn("pqflex: no C compiler found (set CC); CPU decode runs the slower plain-torch reference",
                       RuntimeWarning, stacklevel=2)
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((*compiler, *FLAGS)).encode()).hexdigest()[:16]
     suffix = ".dll" if sys.platform == "win32" else ".so"
     target = cache_dir() / f"cpu_kernels-{platform.machine()}-{digest}{suffix}"
     try:
-        if not target.exists():
+        built = not target.exists()
+        if built:
             _build(compiler, target)
-        return _declare(ctypes.CDLL(str(target)))
-    except (OSError, RuntimeError) as err:
+        try:
+            return _load(target)
+        except (OSError, AttributeError):  # a damaged cached file (unloadable, or without the kernels): once more
+            if built:
+                raise
+            _build(compiler, target)
+            return _load(target)
+    except (OSError, RuntimeError, AttributeError) as err:
         warnings.warn(f"pqflex: the native CPU kernels are unavailable ({err}); CPU decode runs the slower "
                       "plain-torch reference", RuntimeWarning, stacklevel=2)
         return None

@@ -90,7 +90,7 @@ def _check(ip_table, codes, lo, hi, topk, k_max) -> None:
     for name, t in (("lo", lo), ("hi", hi), ("topk", topk)):
         if t.shape != (B,) or t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be an int tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
-    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, torch.SymInt)) or k_max < 1:  # symbolic when compiled
         raise ValueError(f"k_max must be an int >= 1, got {k_max!r}")
     devices = {t.device for t in (ip_table, codes, lo, hi, topk)}
     if len(devices) != 1:
@@ -521,8 +521,12 @@ def pq_select_radix(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tenso
         table = F.pad(table, (0, gp - G))  # [B, Hkv, M, ksub, gp]
     table = table.contiguous()
     block_n = 512
-    if split is None:  # about four programs per SM, each at least one block of tokens
-        split = max(1, min(triton.cdiv(N, block_n), triton.cdiv(4 * _num_sms(dev), BH)))
+    most = 4 * _num_sms(dev)
+    if split is None:  # about four programs per SM, each at least one block of tokens (sym_*: see below)
+        split = torch.sym_max(1, torch.sym_min(triton.cdiv(N, block_n), triton.cdiv(most, BH)))
+    # Symbolic under torch.compile's dynamic shapes (another prompt length or batch size): the compile-time
+    # bound of the split count is then its largest value, so one graph serves every size.
+    split_p = triton.next_power_of_2(split) if isinstance(split, int) else triton.next_power_of_2(most)
     out = torch.empty(B, Hkv, k_max, dtype=torch.int32, device=dev)
     scratch = torch.empty(BH, _SCRATCH, dtype=torch.int32, device=dev)
     part = torch.empty(BH, split, 2, gp, dtype=torch.float32, device=dev)
@@ -538,7 +542,7 @@ def pq_select_radix(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tenso
         num_warps=4)
     launch(_pq_select_score_kernel)[grid](
         lo, hi, topk, part, scores, keys, scratch, Hkv, N, G, k_max, split, GP=gp,
-        SPLIT_P=triton.next_power_of_2(split), BLOCK_N=1024, num_warps=4)
+        SPLIT_P=split_p, BLOCK_N=1024, num_warps=4)
     launch(_pq_select_top_kernel)[grid](
         lo, hi, topk, keys, scratch, list1, out, Hkv, N, k_max, split, BLOCK=1024, num_warps=4)
     launch(_pq_select_rest_kernel)[grid](

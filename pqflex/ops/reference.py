@@ -321,7 +321,8 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         scale: softmax scale.
 
     Returns:
-        ``[B, H, 1, D]`` in the query dtype; a query whose list has no valid token gets zeros.
+        ``[B, H, 1, D]`` in the query dtype; a query whose list has no valid token gets zeros; a NaN or infinite
+        query or attended key gives NaN, as SDPA does.
     """
     B, H, _, D = query.shape
     _, Hkv, T = idx.shape
@@ -330,9 +331,9 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     v = value.gather(2, rows).float()
     q = query.float().reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
     logits = (q @ k.transpose(-1, -2)) * scale  # [B, Hkv, G, T]
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, :, None, :], -math.inf)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no valid token: all NaN -> zeros
+    probs = torch.softmax(logits if valid is None else logits.masked_fill(~valid[:, :, None, :], -math.inf), dim=-1)
+    if valid is not None:  # a row with no valid token (its softmax is all NaN) gets zeros; NaN inputs stay NaN
+        probs = torch.where(valid.any(-1)[:, :, None, None], probs, 0.0)
     return (probs @ v).reshape(B, H, 1, D).to(query.dtype)  # [B, H, 1, D]
 
 

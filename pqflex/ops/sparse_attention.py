@@ -92,7 +92,8 @@ def _split_tokens(T: int, bh: int, block_t: int, device: torch.device, num_split
     if num_splits is not None:
         return triton.cdiv(blocks, num_splits) * block_t
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), bh)
-    return max(blocks // want, triton.cdiv(blocks, MAX_SPLITS), 1) * block_t
+    # sym_max: sizes symbolic under torch.compile's dynamic shapes stay symbolic (no guard, no recompile per length)
+    return torch.sym_max(torch.sym_max(blocks // want, triton.cdiv(blocks, MAX_SPLITS)), 1) * block_t
 
 
 if triton is not None:
@@ -211,7 +212,10 @@ def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value
     if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits={num_splits} is out of range [1, {MAX_SPLITS}]")
     split_tokens = _split_tokens(T, B * Hkv, block_t, query.device, num_splits)
-    num_splits = triton.cdiv(T, split_tokens)  # no empty split
+    num_splits = triton.cdiv(T, split_tokens)  # no empty split; at most MAX_SPLITS
+    # Under torch.compile with dynamic shapes (a recompile for another prompt length or batch size) the split
+    # count is symbolic: the compile-time constants take their bounds, so one graph serves every length.
+    concrete = isinstance(num_splits, int)
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out = torch.empty(B, H, 1, D, dtype=query.dtype, device=query.device)
     m = torch.empty(B * H, num_splits, dtype=torch.float32, device=query.device)
@@ -219,7 +223,8 @@ def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value
     acc = torch.empty(B * H, num_splits, D, dtype=torch.float32, device=query.device)
     mask = idx if valid is None else valid  # a placeholder pointer when there is no mask
     d_pad = max(16, triton.next_power_of_2(D))
-    s_pad = triton.next_power_of_2(num_splits)
+    s_pad = triton.next_power_of_2(num_splits) if concrete else MAX_SPLITS
+    split = num_splits > 1 if concrete else True  # one split through the combine kernel is still exact
     launch = torch.library.wrap_triton
     launch(_sparse_decode_attention_kernel)[(B * Hkv, num_splits)](
         query, key, value, idx, mask, out, m, l, acc,
@@ -228,9 +233,9 @@ def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value
         value.stride(0), value.stride(1), value.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
         mask.stride(0), mask.stride(1), mask.stride(2),
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D_PAD=d_pad, BLOCK_T=block_t,
-        HAS_VALID=valid is not None, SPLIT=num_splits > 1, IEEE=query.dtype == torch.float32,
+        HAS_VALID=valid is not None, SPLIT=split, IEEE=query.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages)
-    if num_splits > 1:
+    if split:
         launch(_sparse_decode_combine_kernel)[(B * H,)](
             m, l, acc, out, D, num_splits, S_PAD=s_pad, D_PAD=d_pad, num_warps=4 if s_pad <= 64 else 8)
     return out
