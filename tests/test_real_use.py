@@ -17,10 +17,10 @@ LENGTHS = (300, 520, 760)
 BATCHES = (1, 2)
 BUDGETS = (PQConfig(budget=0.1, sink_size=4, min_context=256, niter=4),
            PQConfig(budget=48, sink_size=4, min_context=256, niter=4))
-# What one model compiles over all of them: the first graph has static shapes; the next prompt length makes
-# Dynamo mark the changed sizes dynamic (capacity, top-k width, recent window), the next batch size the batch;
-# each budget's first call retraces once for its own constants. README.md ("Compiled decoding") states it.
-MAX_GRAPHS = 4
+# What one model compiles over all of them (measured: 3 on the CPU and on an H200): the first graph has static
+# shapes; the next prompt length makes Dynamo mark the changed sizes dynamic (capacity, top-k width, recent
+# window), the next batch size the batch. README.md states it.
+MAX_GRAPHS = 3
 
 
 def _compile_config(device):
@@ -204,8 +204,10 @@ def test_crop_follows_transformers_and_is_atomic():
         cache.crop(0)
     with pytest.raises(ValueError, match="crop takes an int"):
         cache.crop(-1.0)
-    cache.crop(-1)
-    assert cache.get_seq_length() == 303 and all(r.index.codes.shape[2] == 303 for r in cache.pq_layers)
+    length = cache.get_seq_length()
+    cache.crop(torch.tensor(-1))  # transformers 5.17's assisted decoding passes a 0-d tensor
+    assert cache.get_seq_length() == length - 1
+    assert all(r.index.codes.shape[2] == length - 1 for r in cache.pq_layers)
 
 
 @torch.no_grad()

@@ -276,6 +276,14 @@ def _prompt_store_update(layer: _OffloadLayer, *args: Any) -> tuple[torch.Tensor
     return layer.store_update(*args)
 
 
+@torch.compiler.disable(reason=_EAGER)
+def _initialize(layer: StaticLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    """Allocate a static layer's buffers eagerly, also from a compiled forward (the first chunk of a prompt under
+    ``generate(prefill_chunk_size=...)``): allocated inside a CUDA-graphed region they would be the graph's outputs,
+    which its next replay overwrites, and they could not be marked static addresses."""
+    layer.lazy_initialization(key_states, value_states)
+
+
 def _pq_state(cache: Cache) -> PQCacheMixin:
     if type(cache) is DynamicCache:  # transformers' own: adopt it, so its PQ state lives and moves with it
         cache.__class__ = PQCache
@@ -378,6 +386,8 @@ class PQCacheMixin:
 
         A crop, even of 0 tokens, ends the prompt: ``generate()`` crops after each verification forward of assisted
         or prompt-lookup decoding, and the multi-token forwards after it are decode steps, not prompt chunks."""
+        if torch.is_tensor(max_length) and max_length.dim() == 0 and not max_length.is_floating_point():
+            max_length = int(max_length)  # transformers 5.17's assisted decoding passes a 0-d tensor
         if isinstance(max_length, bool) or not isinstance(max_length, int):
             raise ValueError(f"crop takes an int (tokens to remove as a negative number), got {max_length!r}")
         seq = int(self.get_seq_length())
@@ -490,6 +500,8 @@ class PQStaticCache(PQCacheMixin, Cache):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
         self._check_update(layer, key_states)
+        if not layer.is_initialized and torch.compiler.is_compiling():  # a compiled first prompt chunk
+            _initialize(layer, key_states, value_states)
         if isinstance(layer, _OffloadLayer):
             args = (self.pq_state, layer_idx, self.pq_config, key_states, value_states)
             if key_states.shape[-2] > 1 and torch.compiler.is_compiling():  # a compiled prompt chunk

@@ -529,11 +529,13 @@ def pq_select_radix(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tenso
     split_p = triton.next_power_of_2(split) if isinstance(split, int) else triton.next_power_of_2(most)
     out = torch.empty(B, Hkv, k_max, dtype=torch.int32, device=dev)
     scratch = torch.empty(BH, _SCRATCH, dtype=torch.int32, device=dev)
-    part = torch.empty(BH, split, 2, gp, dtype=torch.float32, device=dev)
-    scores = torch.empty(BH, N, gp, dtype=torch.float32, device=dev)
-    keys = torch.empty(BH, N, dtype=torch.int32, device=dev)
-    list1 = torch.empty(BH, N, dtype=torch.int32, device=dev)
-    list2 = torch.empty(BH, N, dtype=torch.int32, device=dev)
+    # [BH, split, 2, gp], [BH, N, gp] and [BH, N] buffers, flat (the kernels index them by hand): a symbolic dim of
+    # a multi-dim buffer would make inductor specialize on its being 1 (one more graph per such case).
+    part = torch.empty(BH * split * 2 * gp, dtype=torch.float32, device=dev)
+    scores = torch.empty(BH * N * gp, dtype=torch.float32, device=dev)
+    keys = torch.empty(BH * N, dtype=torch.int32, device=dev)
+    list1 = torch.empty(BH * N, dtype=torch.int32, device=dev)
+    list2 = torch.empty(BH * N, dtype=torch.int32, device=dev)
     grid = (BH, split)
     launch = torch.library.wrap_triton
     launch(_pq_select_stats_kernel)[grid](

@@ -218,9 +218,11 @@ def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value
     concrete = isinstance(num_splits, int)
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out = torch.empty(B, H, 1, D, dtype=query.dtype, device=query.device)
-    m = torch.empty(B * H, num_splits, dtype=torch.float32, device=query.device)
+    # Partials [B * H, num_splits] and [B * H, num_splits, D], flat: a symbolic dim of a multi-dim buffer would make
+    # inductor specialize on its being 1 (one more graph for short lists).
+    m = torch.empty(B * H * num_splits, dtype=torch.float32, device=query.device)
     l = torch.empty_like(m)
-    acc = torch.empty(B * H, num_splits, D, dtype=torch.float32, device=query.device)
+    acc = torch.empty(B * H * num_splits * D, dtype=torch.float32, device=query.device)
     mask = idx if valid is None else valid  # a placeholder pointer when there is no mask
     d_pad = max(16, triton.next_power_of_2(D))
     s_pad = triton.next_power_of_2(num_splits) if concrete else MAX_SPLITS
