@@ -25,6 +25,8 @@ CPU tests check.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from pqflex.config import PQConfig
@@ -106,6 +108,10 @@ class OffloadedKV:
         B, Hkv, C, D = shape
         self.config, self.shape, self.device = config, tuple(shape), torch.device(device)
         pin = self.device.type == "cuda"
+        if not pin:
+            warnings.warn(f"pqflex: PQConfig(offload=True) on {self.device} only simulates offloading (the keys and "
+                          "values are in CPU memory already) and decodes several times slower than the resident "
+                          "cache: use offload=False without a GPU", RuntimeWarning, stacklevel=2)
         self.dtype = dtype
         self.buffer = HostBuffer((2, B, Hkv, C, D), dtype, self.device)
         self.host_keys, self.host_values = self.buffer.tensor.unbind(0)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pqflex
 from pqflex.harness import bench
 from pqflex.harness.cli import main
 
@@ -19,7 +20,7 @@ from pqflex.harness.cli import main
 def test_bench_tiny_preset_runs_every_method(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny", "--contexts", "1200", "--new-tokens", "2", "--warmup", "1",
-                 "--json", str(out)]) == 0
+                 "--methods", "all", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [r["method"] for r in data["results"]] == list(bench.METHODS)
     for r in data["results"]:
@@ -28,8 +29,28 @@ def test_bench_tiny_preset_runs_every_method(tmp_path, capsys):
     assert [r["budget"] for r in data["results"]] == [0.1, 0.1, 1.0, 1.0, 1.0]
     offload = data["results"][1]
     assert 0 < offload["kv_gib"] < data["results"][0]["kv_gib"] and 0 <= offload["hit_rate"] <= 1
-    assert data["environment"]["torch"] and "| tiny | pqcache | 1 | 1 | 1200 |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert data["environment"]["torch"] and "| tiny | pqcache | 1 | 1 | 1200 |" in printed.out
+    assert "attn µs/layer and peak GiB: measured on CUDA only" in printed.out  # why those columns hold "-"
+    assert "measuring pqcache, batch 1, context 1200..." in printed.err  # progress while a row runs
+    assert "--warmup 1: the first decode steps compile" in printed.err
     assert main(["bench", "--from-json", str(out)]) == 0  # re-print an earlier run
+
+
+def test_bench_on_the_cpu_leaves_out_the_simulated_offload_by_default(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "main", lambda args: seen.setdefault("methods", args.methods) and 0)
+    main(["bench", "--preset", "tiny", "--device", "cpu"])
+    assert seen["methods"] == [m for m in bench.METHODS if m != "pqcache-offload"]
+
+
+def test_offload_without_a_gpu_warns_that_it_only_simulates():
+    from tests.test_transformers import SPARSE, make
+
+    pq = make("llama")
+    pqflex.configure(pq, SPARSE)
+    with pytest.warns(RuntimeWarning, match="offload=True\) on cpu only simulates offloading"):
+        pqflex.PQStaticCache(pq, 320, SPARSE.replace(offload=True), max_batch_size=1)
 
 
 def test_bench_block_selection_runs_and_is_recorded(tmp_path):

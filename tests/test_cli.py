@@ -80,3 +80,75 @@ def test_ctrl_c_in_eval_points_to_resume(monkeypatch, capsys, tmp_path):
     assert exit_.value.code == 130
     assert f"what was measured is in {tmp_path / 'run.json'}: rerun the same command with --resume" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["demo", "--device", "gpu"], "argument --device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["demo", "--model", "/nonexistent"], "no model directory at '/nonexistent'"),
+    (["eval", "--model", "/nonexistent"], "no model directory at '/nonexistent'"),
+    (["demo", "--pq", "foo=1"], "unknown PQConfig field(s) foo; allowed: M, nbits, sink_size"),
+    (["bench", "--warmup", "1", "--device", "cuda:x"], "got 'cuda:x'"),
+])
+def test_user_mistakes_are_one_line_with_status_2(args, message):
+    out = pqflex_cli(*args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_before_loading():
+    out = pqflex_cli("demo", "--device", "cuda")
+    assert out.returncode == 2 and "--device cuda: no CUDA device is available" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not out.stdout
+
+
+def test_help_is_light_and_shows_each_default_once():
+    code = ("import sys\nfrom pqflex.harness.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+            "    pass\nprint('torch' in sys.modules, 'transformers' in sys.modules)")
+    for args in (["--help"], ["demo", "--help"], ["demo", "--device", "gpu"]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().splitlines()[-1] == "False False", (args, out.stdout[-300:])  # no heavy imports
+    text = " ".join(pqflex_cli("eval", "--help").stdout.split())  # unwrapped
+    assert "(default: 0.2,0.1,0.05)" in text and "[0.2" not in text and "(default: {})" not in text
+    assert text.count("default") == text.count("(default:")  # one mention of each
+    assert "A pass key hidden" in pqflex_cli("demo", "--help").stdout  # a description
+
+
+@pytest.mark.slow
+def test_pq_settings_that_do_not_fit_the_model_fail_before_the_prefill():
+    out = pqflex_cli("demo", "--pq", "M=7", "--length", "1024", "--device", "cpu", timeout=600)
+    assert out.returncode == 2 and "PQConfig.M=7 does not divide the head dim 64" in out.stderr, out.stderr
+    assert "prefill" not in out.stdout
+
+
+def test_cache_command_shows_and_clears(tmp_path):
+    env_dir = tmp_path / "store"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pqflex.harness.cli", "cache", *a], capture_output=True,
+                                    text=True, timeout=120, env={**__import__("os").environ,
+                                                                 "PQFLEX_CACHE_DIR": str(env_dir)})
+    assert "(empty)" in run().stdout
+    (env_dir / "models" / "some-model").mkdir(parents=True)
+    (env_dir / "models" / "some-model" / "model.safetensors").write_bytes(b"x" * 2**20)
+    (env_dir / "cpu_kernels-x.so").write_bytes(b"y" * 100)
+    shown = run().stdout
+    assert "models/some-model" in shown and "cpu_kernels-x.so" in shown and "1.0 MiB" in shown
+    cleared = run("--clear")
+    assert cleared.returncode == 0 and not env_dir.exists()
+
+
+def test_model_dir_and_kernels_share_one_cache_directory(monkeypatch, tmp_path):
+    from pqflex.harness.models import default_cache_dir
+    from pqflex.ops import native
+
+    monkeypatch.setenv("PQFLEX_CACHE_DIR", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "models" and native.cache_dir() == tmp_path
+
+
+def test_lm_eval_task_command_writes_an_offline_task(tmp_path):
+    from pqflex.harness.models import materialize_default_model
+
+    out = pqflex_cli("lm-eval-task", str(tmp_path / "task"), "--prompts", "2", "--length", "300", timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "task" / "pqflex_passkey.yaml").is_file()
+    assert len((tmp_path / "task" / "passkey.jsonl").read_text().splitlines()) == 2
+    assert f"pretrained={materialize_default_model(progress=False)}" in out.stdout

@@ -14,7 +14,7 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from evals.lm_eval_passkey import write_task
+from pqflex.harness.lm_eval_task import write_task
 from pqflex.integrations import lm_eval as glue
 from pqflex.harness.models import materialize_default_model
 

@@ -547,6 +547,22 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def notes(results: list[Result], device: str) -> str:
+    """Why a column of the table holds ``-``."""
+    lines = []
+    if not device.startswith("cuda"):
+        lines.append("attn µs/layer and peak GiB: measured on CUDA only (CUDA events, the allocator's peak)")
+    elif any(r.attn_layer_us is None for r in results):
+        lines.append("attn µs/layer: not timed for pqcache-offload and with --no-layer-attention")
+    if any(r.gen_tpot_ms is None for r in results):
+        lines.append("generate TTFT/TPOT: not measured with --no-generate")
+    if any(r.kv_gib is None for r in results):
+        lines.append("KV GiB on device: the static-cache methods only")
+    if any(r.hit_rate is None for r in results):
+        lines.append("hot hits: pqcache-offload rows only")
+    return "\n".join(f"- {line}" for line in lines)
+
+
 def plot(results: list[dict[str, Any]], path: str) -> None:
     """PNG of TPOT vs context, one line per (method, batch)."""
     try:
@@ -668,6 +684,8 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
                     free_memory(device)
                     models[attn] = load(attn)
                 tp = getattr(models[attn], "tp_size", None) or 1
+                if lead:  # a row can take minutes (compile, a long prefill): say what runs
+                    print(f"measuring {method}, batch {batch}, context {context}...", file=sys.stderr, flush=True)
                 try:
                     with pqflex.tp_inference(models[attn]):  # what the README tells TP users to decode under
                         r = measure(args, method, batch, context, models[attn], device, dtype, options)
@@ -693,6 +711,7 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
                     with open(args.json, "w") as f:
                         json.dump(data, f, indent=1)
     if lead:
+        print(notes(results, device))
         print(" ".join(f"{k}={v}" for k, v in environment(device).items()))
         if args.plot:
             plot([dataclasses.asdict(r) for r in results], args.plot)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import math
 import sys
+from pathlib import Path
 
 import pqflex
 from pqflex import METHODS, PQConfig
@@ -43,6 +45,46 @@ def _choices(allowed: tuple[str, ...] | list[str], what: str):
     return parse
 
 
+def _device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (whether CUDA is there is checked before anything loads)."""
+    kind, _, number = text.partition(":")
+    if kind not in ("cpu", "cuda") or (number and (kind == "cpu" or not number.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _model_dir(text: str) -> str:
+    """A Hugging Face model directory (with a config.json)."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no model directory at {text!r}: give a local Hugging Face model directory "
+                                         "(pqflex downloads nothing)")
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} holds no config.json: give a Hugging Face model directory")
+    return str(path)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.HelpFormatter):
+    """Each option's default once, after its help, in the form the option takes (``0.2,0.1``, not ``[0.2, 0.1]``);
+    none where the help text speaks of its default itself or there is nothing to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or default is None or default is False
+                or default == argparse.SUPPRESS or default == {}):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def _settings(text: str) -> dict[str, object]:
     """``"M=4,nbits=8,backend=flex"`` -> ``{"M": 4, "nbits": 8, "backend": "flex"}`` (numbers parsed, checked by
     :class:`pqflex.PQConfig`)."""
@@ -61,10 +103,14 @@ def _settings(text: str) -> dict[str, object]:
             out[key] = value
     if "budget" in out:
         raise argparse.ArgumentTypeError("give the budget with --budget, not in --pq")
+    fields = [f.name for f in dataclasses.fields(PQConfig) if f.name != "budget"]
+    unknown = [key for key in out if key not in fields]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown PQConfig field(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
     try:
         PQConfig(**out)
     except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e).replace("__init__() got an ", ""))
+        raise argparse.ArgumentTypeError(str(e))
     return out
 
 
@@ -85,8 +131,8 @@ def _cuda() -> bool:
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="pqflex", description="PQCache retrieval attention", formatter_class=fmt)
+    fmt = _Help
+    parser = _Parser(prog="pqflex", description="PQCache retrieval attention", formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"pqflex {pqflex.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -100,24 +146,48 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             p.add_argument("--budget", "--budgets", dest="budgets", type=_budgets, default=[0.1],
                            help="tokens attended per KV head: a fraction of the context or a token count")
         p.add_argument("--pq", type=_settings, default={}, help="more PQConfig settings, e.g. M=2,nbits=6 "
-                                                                "(default: PQConfig's)")
-        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+                                                                "(default: PQConfig's own)")
+        p.add_argument("--device", type=_device, default=None,
+                       help="cpu, cuda or cuda:N (default: cuda when available)")
 
     model = sub.add_parser("model", help="print the local path of the default model (converting it once)",
                            description="The embedded SmolLM2-135M-Instruct as a Hugging Face directory: the PATH "
                                        "for from_pretrained(PATH) and lm_eval --model_args pretrained=PATH",
                            formatter_class=fmt)
-    model.add_argument("--cache-dir", default=None, help="where converted models live (default: "
-                                                         "~/.cache/pqflex/models)")
+    model.add_argument("--cache-dir", default=None, help="where converted models live (default: models/ in "
+                                                         "pqflex's cache directory, see `pqflex cache`)")
+
+    cache = sub.add_parser("cache", help="show (or --clear) what pqflex stored on disk",
+                           description="pqflex's cache directory ($PQFLEX_CACHE_DIR, else $XDG_CACHE_HOME/pqflex or "
+                                       "~/.cache/pqflex): the native CPU kernels built on first use and converted "
+                                       "models. pip uninstall leaves it; --clear removes it.",
+                           formatter_class=fmt)
+    cache.add_argument("--clear", action="store_true", help="remove the directory and everything in it")
+
+    task = sub.add_parser("lm-eval-task", help="write an offline lm-eval task of passkey prompts into DIR",
+                          description="A generate_until task (pqflex_passkey) built with the model's tokenizer, no "
+                                      "downloads; then: lm_eval --model hf --model_args pretrained=PATH,"
+                                      "attn_implementation=pqcache --tasks pqflex_passkey --include_path DIR",
+                          formatter_class=fmt)
+    task.add_argument("directory", metavar="DIR", help="where to write the task (created if missing)")
+    task.add_argument("--prompts", type=int, default=10, help="prompts, the needle from depth 0.05 to 0.95")
+    task.add_argument("--length", type=int, default=2048, help="tokens per prompt")
+    task.add_argument("--model", type=_model_dir, default=None, help="the model directory whose tokenizer counts the "
+                                                                     "tokens (default: the embedded SmolLM2-135M-"
+                                                                     "Instruct)")
 
     demo = sub.add_parser("demo", help="find a hidden passkey with full attention and with pqcache",
+                          description="A pass key hidden in a long prompt of filler text, answered by the embedded "
+                                      "SmolLM2-135M-Instruct (or --model) once with full attention and once with "
+                                      "pqcache from the same dense prefill; prints both answers, the tokens "
+                                      "attended and the time per token",
                           formatter_class=fmt)
     common(demo, budgets=False)
     demo.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
     demo.add_argument("--depth", type=float, default=0.5, help="relative position of the passkey")
     demo.add_argument("--seed", type=int, default=0, help="seed of the passkey and filler")
-    demo.add_argument("--model", default=None, help="a Hugging Face model directory (default: the embedded "
-                                                    "SmolLM2-135M-Instruct)")
+    demo.add_argument("--model", type=_model_dir, default=None, help="a Hugging Face model directory (default: the "
+                                                                     "embedded SmolLM2-135M-Instruct)")
     demo.add_argument("--synthetic", action="store_true",
                       help="no model: PQ retrieval on synthetic keys of Llama-3.1-8B's attention shape")
 
@@ -131,8 +201,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        help="prompt lengths, comma-separated (default: 8192,32768 on CUDA, 2048 on the CPU)")
     bench.add_argument("--batch-size", "--batch", dest="batch", type=_ints, default=[1],
                        help="batch sizes, comma-separated")
-    bench.add_argument("--methods", type=_choices(BENCH_METHODS, "method"), default=list(BENCH_METHODS),
-                       help="comma-separated")
+    bench.add_argument("--methods", type=_choices(BENCH_METHODS, "method"), default=None,
+                       help="comma-separated (default: all; on the CPU all but pqcache-offload, which only simulates "
+                            "offloading there)")
     bench.add_argument("--backend", default=None, choices=["fused", "gather", "flex"],
                        help="pqcache attention backend (default: PQConfig's)")
     bench.add_argument("--selection", default="token", choices=["token", "block"], help="pqcache selection")
@@ -174,15 +245,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     ev.add_argument("--samples", type=int, default=5, help="prompts per task and length")
     ev.add_argument("--seed", type=int, default=0, help="seed of the first prompt (prompt i uses seed + i)")
     ev.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (left padding)")
-    ev.add_argument("--model", default=None, help="a Hugging Face model directory (default: the embedded "
-                                                  "SmolLM2-135M-Instruct)")
+    ev.add_argument("--model", type=_model_dir, default=None, help="a Hugging Face model directory (default: the "
+                                                                   "embedded SmolLM2-135M-Instruct)")
     ev.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="model dtype")
     ev.add_argument("--json", default=None, help="write every prediction and score to this JSON file")
     ev.add_argument("--plot", default=None, help="write a PNG of the average score vs budget "
                                                  "(pip install 'pqflex[plot]')")
     ev.add_argument("--from-json", default=None, help="print (and --plot) the results of an earlier --json")
     ev.add_argument("--resume", action="store_true", help="keep the complete cells of an interrupted --json run")
-    return parser, {"model": model, "demo": demo, "bench": bench, "eval": ev}
+    return parser, {"model": model, "cache": cache, "lm-eval-task": task, "demo": demo, "bench": bench, "eval": ev}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +274,51 @@ def main(argv: list[str] | None = None) -> int:
         sub.exit(130, f"\npqflex {args.command}: interrupted\n")
 
 
+def _check_device(device: str | None, sub: argparse.ArgumentParser) -> None:
+    """Refuse ``--device cuda`` where torch sees no GPU, before any model loads."""
+    if device is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "torch finds no NVIDIA GPU or driver"
+        sub.error(f"--device {device}: no CUDA device is available ({why}); use --device cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        sub.error(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s); allowed: "
+                  f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
 def _run(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
+    _check_device(getattr(args, "device", None), sub)
+    if args.command == "cache":
+        from pqflex import storage
+
+        if args.clear:
+            freed = storage.clear()
+            print(f"removed {storage.cache_dir()} ({freed / 2**20:.1f} MiB)")
+            return 0
+        found = storage.entries()
+        print(f"{storage.cache_dir()}{'' if found else ' (empty)'}")
+        for path, size in found:
+            print(f"{size / 2**20:10.1f} MiB  {path.relative_to(storage.cache_dir())}")
+        if found:
+            print(f"{sum(size for _, size in found) / 2**20:10.1f} MiB  in all (pqflex cache --clear removes it)")
+        return 0
+    if args.command == "lm-eval-task":
+        from transformers import AutoTokenizer
+
+        from pqflex.harness.lm_eval_task import TASK, write_task
+        from pqflex.harness.models import materialize_default_model
+
+        if args.prompts < 1 or args.length < 64:
+            sub.error(f"--prompts must be >= 1 and --length >= 64, got {args.prompts} and {args.length}")
+        model = args.model or materialize_default_model(progress=True)
+        root = write_task(args.directory, AutoTokenizer.from_pretrained(model), args.prompts, args.length)
+        print(f"wrote the lm-eval task {TASK} to {root}; run it with:\nlm_eval --model hf --model_args "
+              f"pretrained={model},attn_implementation=pqcache,pq_budget=0.1 --tasks {TASK} --include_path {root} "
+              "--device cpu --batch_size 1")
+        return 0
     if args.command == "model":
         from pqflex.harness.models import materialize_default_model
 
@@ -224,6 +339,11 @@ def _run(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
         args.dtype = args.dtype or ("bf16" if cuda else "fp32")
         args.preset = args.preset or ("llama-3.1-8b" if cuda else "smollm2-135m")
         args.contexts = args.contexts or ([8192, 32768] if cuda else [2048])
+        args.methods = args.methods or [m for m in BENCH_METHODS if cuda or m != "pqcache-offload"]
+        if not args.eager and args.warmup < 3:
+            print(f"pqflex bench: warning: --warmup {args.warmup}: the first decode steps compile the step (and "
+                  "capture CUDA graphs on a GPU), so with fewer than 3 warm-up steps the loop's TPOT includes that "
+                  "work; use --warmup 3 or more, or --eager", file=sys.stderr)
         if len(args.budgets) != 1:
             sub.error(f"bench takes one --budget, got {len(args.budgets)}")
         args.budget = args.budgets[0]

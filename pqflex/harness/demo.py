@@ -115,11 +115,12 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
         model, tokenizer = load_model(model_path, "sdpa", dtype=dtype, device=dev)
         name = model_path
     load_s = time.perf_counter() - t0
+    config = PQConfig(budget=budget, **(settings or {}))
+    PQCache(model, config)  # checks the settings against the model (M dividing its head dim) before the prefill
 
     prompt = passkey_prompt(tokenizer, length, depth, seed=seed)
     ids = prompt.input_ids.to(dev)
     stop_ids = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
-    config = PQConfig(budget=budget, **(settings or {}))
     resolved = config.resolve_budget(prompt.n_tokens)
     print(f"model: {name} on {dev} ({dtype}), loaded in {load_s:.1f} s")
     print(f"prompt: {prompt.n_tokens} tokens, pass key {prompt.passkey} hidden at depth {depth:.0%}; prefilling...",

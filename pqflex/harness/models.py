@@ -46,8 +46,11 @@ _GGUF_ONLY_CONFIG_ATTRS = ("quantization_config", "_model_name_or_path")
 
 
 def default_cache_dir() -> Path:
-    """Return the default cache directory of converted models, ``~/.cache/pqflex/models``."""
-    return Path.home() / ".cache" / "pqflex" / "models"
+    """The default directory of converted models: ``models/`` in pqflex's cache directory
+    (:func:`pqflex.storage.cache_dir`: ``$PQFLEX_CACHE_DIR``, else ``~/.cache/pqflex``)."""
+    from pqflex.storage import cache_dir
+
+    return cache_dir() / "models"
 
 
 def find_default_gguf() -> Path:
@@ -182,7 +185,7 @@ def materialize_default_model(cache_dir: str | os.PathLike[str] | None = None, p
     Later calls return the existing directory at once.
 
     Args:
-        cache_dir: directory that holds converted models; ``None`` means ``~/.cache/pqflex/models``.
+        cache_dir: directory that holds converted models; ``None`` means :func:`default_cache_dir`.
         progress: show progress bars on stderr while converting.
 
     Returns:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")
@@ -52,6 +53,8 @@ class PasskeyPrompt:
     @property
     def attention_mask(self) -> torch.Tensor:
         """``[1, T]`` all-ones mask, so ``generate`` need not guess one when pad and eos tokens coincide."""
+        import torch
+
         return torch.ones_like(self.input_ids)
 
 
@@ -167,6 +170,8 @@ def passkey_prompt(
             hi = mid - 1
     n_words = min((lo, lo + 1), key=lambda n: (abs(length(n) - n_tokens), n))
     ids = _encode(tokenizer, _render(tokenizer, _filler_words(n_words), depth, key, chat, answer_prefix), chat)
+    import torch  # here: the command line imports this module and answers --help without torch
+
     input_ids = torch.tensor([ids], dtype=torch.long)  # [1, T]
     return PasskeyPrompt(input_ids=input_ids, passkey=key, depth=float(depth), n_tokens=len(ids))
 

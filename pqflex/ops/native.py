@@ -34,18 +34,11 @@ from pathlib import Path
 import torch
 
 from pqflex.ops import reference
+from pqflex.storage import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-fvisibility=hidden")
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-
-
-def cache_dir() -> Path:
-    """Where the built library is kept: ``$PQFLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/pqflex`` or
-    ``~/.cache/pqflex``."""
-    if os.environ.get("PQFLEX_CACHE_DIR"):
-        return Path(os.environ["PQFLEX_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pqflex"
 
 
 def _compiler() -> list[str] | None:

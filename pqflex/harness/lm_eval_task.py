@@ -1,21 +1,22 @@
-"""A local lm-eval task of passkey prompts (generate_until, no downloads), for `lm_eval --include_path DIR`.
+"""An offline lm-eval task of passkey prompts: ``pqflex lm-eval-task DIR``, then ``lm_eval --include_path DIR``.
 
-Usage::
+lm-eval's own long-context tasks download their data (RULER's essays, LongBench); this one is generated locally
+with the model's tokenizer, so ``lm_eval --model hf ... attn_implementation=pqcache`` runs with no network::
 
-    python evals/lm_eval_passkey.py DIR --prompts 10 --length 2048
-    lm_eval --model hf --model_args pretrained=PATH,attn_implementation=pqcache,pq_budget=0.1 \\
-        --tasks pqflex_passkey --include_path DIR --device cpu --batch_size 1
+    pqflex lm-eval-task /tmp/lme --prompts 10 --length 2048
+    lm_eval --model hf --model_args pretrained=$(pqflex model),attn_implementation=pqcache,pq_budget=0.1 \\
+        --tasks pqflex_passkey --include_path /tmp/lme --device cpu --batch_size 1
 
 Prompt ``i`` hides its pass key at depth ``0.05 + 0.9 * i / (prompts - 1)`` (seed ``i``); the score is the exact
-match of the first number the model generates.
+match of the first number the model generates (``exact_match,first-number``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+TASK = "pqflex_passkey"
 TASK_YAML = """task: pqflex_passkey
 dataset_path: json
 dataset_kwargs:
@@ -44,9 +45,18 @@ metric_list:
 
 def write_task(directory: str | Path, tokenizer, prompts: int, length: int,
                depths: list[float] | None = None) -> Path:
-    """Write ``passkey.jsonl`` and ``pqflex_passkey.yaml`` into ``directory``; returns the directory."""
+    """Write ``passkey.jsonl`` and ``pqflex_passkey.yaml`` into ``directory``; returns the directory.
+
+    Args:
+        directory: created if missing.
+        tokenizer: the tokenizer of the model that will be evaluated (prompt lengths are counted in its tokens).
+        prompts: how many prompts; length: tokens per prompt.
+        depths: the needle's relative depth in each prompt (default: evenly from 0.05 to 0.95).
+    """
     from pqflex.harness.prompts import passkey_prompt
 
+    if prompts < 1 or length < 64:
+        raise ValueError(f"need prompts >= 1 and length >= 64 tokens, got prompts={prompts}, length={length}")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     if depths is None:
@@ -56,24 +66,5 @@ def write_task(directory: str | Path, tokenizer, prompts: int, length: int,
             p = passkey_prompt(tokenizer, length, depth, seed=i)
             f.write(json.dumps({"prompt": tokenizer.decode(p.input_ids[0], skip_special_tokens=True),
                                 "answer": p.passkey}) + "\n")
-    (root / "pqflex_passkey.yaml").write_text(TASK_YAML.format(data=(root / "passkey.jsonl").resolve()))
+    (root / f"{TASK}.yaml").write_text(TASK_YAML.format(data=(root / "passkey.jsonl").resolve()))
     return root
-
-
-def main() -> None:
-    from transformers import AutoTokenizer
-
-    from pqflex.harness.models import materialize_default_model
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("directory")
-    parser.add_argument("--prompts", type=int, default=10)
-    parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--model", default=None, help="model directory whose tokenizer to use (default: SmolLM2)")
-    args = parser.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(args.model or materialize_default_model(progress=False))
-    print(write_task(args.directory, tokenizer, args.prompts, args.length))
-
-
-if __name__ == "__main__":
-    main()
