@@ -47,7 +47,8 @@ _GLUE = "pqflex.integrations.transformers"  # registers "pqcache" when imported
 
 class _RegisterWithTransformers:
     """A meta path finder (duck-typed) that imports pqflex's transformers glue right after transformers' model code
-    is executed, so ``"pqcache"`` is registered before any model is built."""
+    is executed, so ``"pqcache"`` is registered before any model is built. (``_pqflex_lm_eval_hook`` has its own
+    finder of the same shape: it runs at every interpreter start-up and may not import pqflex there.)"""
 
     def find_spec(self, name, path, target=None):
         if name != _TRIGGER:

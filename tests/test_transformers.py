@@ -233,3 +233,23 @@ def test_cuda_generation(arch):
     with spy:
         out = generate(pq.to(torch.bfloat16), ids, **{CACHE_KW: PQCache(pq)})
     assert out.shape == (2, 12) and all((c == SPARSE.budget).all() for c in counts)
+
+
+@pytest.mark.parametrize("first", ["pqflex", "transformers"])
+def test_import_pqflex_registers_pqcache_in_either_order(first):
+    """``import pqflex`` is light (no torch) and still registers "pqcache" before any model is built, whether
+    transformers' model code is loaded before or after it."""
+    import subprocess
+    import sys
+
+    order = (["import pqflex, sys", "assert 'torch' not in sys.modules", "import transformers.modeling_utils"]
+             if first == "pqflex" else ["import transformers.modeling_utils", "import pqflex"])
+    code = "\n".join([*order, "from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig",
+                      "assert 'pqcache' in AttentionInterface().valid_keys()",
+                      "m = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, "
+                      "intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2), "
+                      "attn_implementation='pqcache')",
+                      "import pqflex.ops, torch",
+                      "print(m.config._attn_implementation, torch.ops.pqflex.pq_select)"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "pqcache pqflex.pq_select" in done.stdout, done.stderr[-2000:]
