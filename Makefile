@@ -20,7 +20,8 @@ INTEGRATION_TESTS := tests/test_transformers.py tests/test_cache_state.py tests/
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
+# The editable install also builds the native CPU kernels (hatch_build.py): rebuilt when their source changes.
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS) hatch_build.py pqflex/ops/cpu_kernels.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi

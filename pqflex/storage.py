@@ -1,9 +1,9 @@
 """Where pqflex keeps what it writes to disk: one directory for all of it.
 
-``$PQFLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/pqflex``, else ``~/.cache/pqflex``. It holds the native CPU kernels
-built on first use (``cpu_kernels-*.so``, about 0.1 MB) and converted models (``models/``: the embedded default
-model is about 0.5 GB). Nothing else of pqflex writes there; ``pip uninstall pqflex`` leaves it, and
-``pqflex cache --clear`` (or :func:`clear`) removes it.
+``$PQFLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/pqflex``, else ``~/.cache/pqflex``. It holds converted models
+(``models/``: the embedded default model is about 0.5 GB), written by the harness when asked for a model; the
+library itself writes nothing (its native kernels are built at install time). ``pip uninstall pqflex`` leaves the
+directory, and ``pqflex cache --clear`` (or :func:`clear`) removes it.
 """
 
 from __future__ import annotations

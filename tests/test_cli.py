@@ -129,19 +129,19 @@ def test_cache_command_shows_and_clears(tmp_path):
     assert "(empty)" in run().stdout
     (env_dir / "models" / "some-model").mkdir(parents=True)
     (env_dir / "models" / "some-model" / "model.safetensors").write_bytes(b"x" * 2**20)
-    (env_dir / "cpu_kernels-x.so").write_bytes(b"y" * 100)
+    (env_dir / "leftover.bin").write_bytes(b"y" * 100)
     shown = run().stdout
-    assert "models/some-model" in shown and "cpu_kernels-x.so" in shown and "1.0 MiB" in shown
+    assert "models/some-model" in shown and "leftover.bin" in shown and "1.0 MiB" in shown
     cleared = run("--clear")
     assert cleared.returncode == 0 and not env_dir.exists()
 
 
-def test_model_dir_and_kernels_share_one_cache_directory(monkeypatch, tmp_path):
+def test_converted_models_go_to_the_one_cache_directory(monkeypatch, tmp_path):
+    from pqflex import storage
     from pqflex.harness.models import default_cache_dir
-    from pqflex.ops import native
 
     monkeypatch.setenv("PQFLEX_CACHE_DIR", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "models" and native.cache_dir() == tmp_path
+    assert default_cache_dir() == tmp_path / "models" and storage.cache_dir() == tmp_path
 
 
 def test_lm_eval_task_command_writes_an_offline_task(tmp_path):

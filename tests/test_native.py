@@ -2,6 +2,7 @@
 
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,83 +19,112 @@ needs_native = pytest.mark.skipif(native.library() is None, reason="no C compile
 
 
 def test_the_library_builds_where_a_compiler_exists():
-    """CI has a C compiler: the kernels must build there, not silently fall back."""
+    """CI has a C compiler: `pip install -e .` (make setup) must have built the kernels, not silently left them out."""
     if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):
         assert native.library() is not None
 
 
-def test_switch_and_a_failed_build_fall_back_with_one_warning(monkeypatch, tmp_path):
+@pytest.fixture
+def library_at(monkeypatch):
+    """Point the loader at another library file (no process-wide state left behind)."""
+    def point(path):
+        monkeypatch.setattr(native.native_build, "LIBRARY", path)
+        native.library.cache_clear()
+    yield point
     native.library.cache_clear()
-    try:
-        monkeypatch.setenv("PQFLEX_NATIVE", "0")
-        assert native.library() is None and not native.usable(torch.zeros(1))
-        native.library.cache_clear()
-        monkeypatch.delenv("PQFLEX_NATIVE")
-        monkeypatch.setenv("PQFLEX_CACHE_DIR", str(tmp_path))
-        monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-        with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable.*plain-torch reference"):
-            assert native.library() is None
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert native.library() is None  # cached: no second warning
-    finally:
-        native.library.cache_clear()
+
+
+def _one_warning(match):
+    with pytest.warns(RuntimeWarning, match=match) as caught:
+        assert native.library() is None
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None  # cached: no second warning
+
+
+def test_switch_and_a_missing_library_fall_back_with_one_warning(monkeypatch, library_at, tmp_path):
+    library_at(native.native_build.LIBRARY)
+    monkeypatch.setenv("PQFLEX_NATIVE", "0")
+    assert native.library() is None and not native.usable(torch.zeros(1))
+    monkeypatch.delenv("PQFLEX_NATIVE")
+    library_at(tmp_path / "_cpu_kernels.so")
+    _one_warning("was not built when pqflex was installed, for want of a C compiler")
 
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
 
 @needs_gcc
-def test_cc_with_flags_is_honoured(monkeypatch, tmp_path):
+def test_cc_with_flags_is_honoured_at_build_time(monkeypatch, tmp_path, library_at):
     """``CC="gcc -O2"`` is a command with flags (it used to be looked up as one program name and fail)."""
     log = tmp_path / "args"
     wrapper = tmp_path / "cc.sh"
     wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec gcc "$@"\n')
     wrapper.chmod(0o755)
-    monkeypatch.setenv("PQFLEX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", f"{wrapper} -O2 -DPQFLEX_FLAG_SEEN")
-    native.library.cache_clear()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert native.library() is not None
-        assert "-O2 -DPQFLEX_FLAG_SEEN" in log.read_text()
-    finally:
-        native.library.cache_clear()
+    built = native.native_build.build(tmp_path / "lib" / "_cpu_kernels.so")
+    assert "-O2 -DPQFLEX_FLAG_SEEN" in log.read_text()
+    library_at(built)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is not None
 
 
 @needs_gcc
-@pytest.mark.parametrize("damage", ["garbage", "other symbols"])
-def test_a_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path, damage):
-    """A cached file that does not load, or loads without the kernels, is rebuilt instead of warned about on every
-    run (or failing with AttributeError at the first CPU decode step). Checked in a new process: this one has the
-    library loaded, and the dynamic loader would hand that back for the same path."""
+@pytest.mark.parametrize("damage", ["garbage", "other symbols", "stale"])
+def test_a_damaged_or_stale_library_falls_back_with_one_warning_saying_what_to_do(damage, tmp_path, library_at,
+                                                                                   monkeypatch):
+    """No compiler runs at run time: a library that does not load, lacks the kernels or was built from another
+    ``cpu_kernels.c`` is reported once (with the command that rebuilds it) and the plain-torch code runs."""
     import subprocess
-    import sys
 
-    monkeypatch.setenv("PQFLEX_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CC", "gcc")
-    native.library.cache_clear()
-    try:
-        assert native.library() is not None
-    finally:
-        native.library.cache_clear()
-    (built,) = tmp_path.glob("cpu_kernels-*")
-    built.unlink()  # a new file, not the loaded one changed in place (this process has it mapped)
+    path = tmp_path / "_cpu_kernels.so"
     if damage == "garbage":
-        built.write_bytes(b"not a shared object")
-    else:
+        path.write_bytes(b"not a shared object")
+        match = "does not load"
+    elif damage == "other symbols":
         other = tmp_path / "other.c"
         other.write_text("int something_else(void) { return 1; }\n")
-        subprocess.run(["gcc", "-shared", "-fPIC", str(other), "-o", str(built)], check=True)
-    check = ("import warnings, torch\nwarnings.simplefilter('error')\nfrom pqflex.ops import native, reference\n"
-             "from tests.test_sparse_attention import make_inputs\n"
-             "assert native.library() is not None\n"
-             "q, k, v, idx, valid = make_inputs(1, 2, 2, 16, 40, 10, device='cpu')\n"
-             "torch.testing.assert_close(native.sparse_decode_attention(q, k, v, idx, valid, 0.5),\n"
-             "                           reference.sparse_decode_attention(q, k, v, idx, valid, 0.5))\n")
-    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+        subprocess.run(["gcc", "-shared", "-fPIC", str(other), "-o", str(path)], check=True)
+        match = "lacks the kernels"
+    else:
+        native.native_build.build(path)
+        edited = tmp_path / "cpu_kernels.c"
+        edited.write_text(native.native_build.SOURCE.read_text() + "\n/* edited */\n")
+        monkeypatch.setattr(native.native_build, "SOURCE", edited)
+        match = "built from another cpu_kernels.c; rebuild it"
+    library_at(path)
+    _one_warning(match)
+
+
+@pytest.mark.slow
+@needs_gcc
+def test_the_wheel_ships_the_kernels_and_nothing_compiles_or_writes_at_run_time(tmp_path):
+    """`pip wheel .` builds a platform wheel holding the library; installed (without a compiler on the PATH and
+    with an empty HOME) its kernels load, and nothing is written to the home directory."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
+                           str(root)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("pqflex-*.whl")
+    assert not wheel.name.endswith("-none-any.whl"), wheel.name  # platform-tagged: it holds a binary
+    assert "pqflex/ops/_cpu_kernels.so" in zipfile.ZipFile(wheel).namelist()
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": "/nonexistent", "HOME": str(home), "PYTHONPATH": str(tmp_path / "site")}
+    code = ("import warnings; warnings.simplefilter('error'); from pqflex.ops import native; "
+            "assert native.library() is not None; print(native.native_build.LIBRARY)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert str(tmp_path / "site") in run.stdout and not any(home.iterdir())
 
 
 @needs_native

@@ -159,8 +159,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     cache = sub.add_parser("cache", help="show (or --clear) what pqflex stored on disk",
                            description="pqflex's cache directory ($PQFLEX_CACHE_DIR, else $XDG_CACHE_HOME/pqflex or "
-                                       "~/.cache/pqflex): the native CPU kernels built on first use and converted "
-                                       "models. pip uninstall leaves it; --clear removes it.",
+                                       "~/.cache/pqflex): converted models, such as the embedded default model. pip "
+                                       "uninstall leaves it; --clear removes it.",
                            formatter_class=fmt)
     cache.add_argument("--clear", action="store_true", help="remove the directory and everything in it")
 

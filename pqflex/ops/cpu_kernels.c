@@ -15,6 +15,12 @@
 
 #define EXPORT __attribute__((visibility("default")))
 #define TILE 8
+#ifndef PQFLEX_SOURCE_DIGEST
+#define PQFLEX_SOURCE_DIGEST "unknown"
+#endif
+
+/* The sha256 prefix of this file when it was built (native_build.py passes it): native.py refuses a stale build. */
+EXPORT const char *pqflex_source_digest(void) { return PQFLEX_SOURCE_DIGEST; }
 
 /* Dot product with eight independent partial sums, so the compiler vectorizes it without -ffast-math. */
 static float dot(const float *a, const float *b, int64_t n) {

@@ -1,64 +1,32 @@
-"""Native CPU kernels of the decode step and of k-means: ``cpu_kernels.c`` compiled on first use, called through
-ctypes.
+"""Native CPU kernels of the decode step and of k-means: ``cpu_kernels.c``, built when pqflex is installed, called
+through ctypes.
 
-On the CPU a decode step through the plain-torch reference is a chain of small tensor ops (ADC scores of every
-head, a softmax, a sort-free top-k, a gather, attention), and their per-op overhead makes it slower than dense
-attention at the contexts a CPU runs. The C kernels do each op in one pass (fp32 only). They are built with the
-system C compiler (``$CC``, with any flags in it, else ``cc``/``gcc``/``clang``) into ``$PQFLEX_CACHE_DIR`` (default
-``~/.cache/pqflex``), once per source version and compiler command, and loaded with ctypes: no torch headers, about a
-second to build. A cached file that does not load or lacks the kernels is rebuilt once.
+On the CPU a decode step through the plain-torch code is a chain of small tensor ops (ADC scores of every head, a
+softmax, a sort-free top-k, a gather, attention), and their per-op overhead makes it slower than dense attention at
+the contexts a CPU runs. The C kernels do each op in one pass (fp32 only). The wheel's build hook compiles them
+(:mod:`pqflex.ops.native_build`: plain C, no torch headers, one binary for every torch) into the package; nothing is
+compiled or written at run time.
 
-Where no compiler is found or the build fails, :func:`library` returns None, one warning says why, and the ops
-run the reference. ``PQFLEX_NATIVE=0`` turns the kernels off. The kernels are checked against the reference in
+Where the library is missing (no compiler at install time), damaged, or built from another ``cpu_kernels.c``,
+:func:`library` returns None, one warning says why and what to do, and the ops run the plain-torch code.
+``PQFLEX_NATIVE=0`` turns the kernels off. The kernels are checked against the reference in
 ``tests/test_native.py`` (k-means: ``tests/test_kernels.py``). The k-means step is the CPU kernel of
 ``torch.ops.pqflex.kmeans``, which trains the codebooks on the CPU beside a GPU prefill (``kmeans_device="cpu"``).
 """
 
 from __future__ import annotations
 
-import _ctypes
 import concurrent.futures
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
-from pqflex.ops import reference
-from pqflex.storage import cache_dir
+from pqflex.ops import native_build, reference
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-fvisibility=hidden")
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-
-
-def _compiler() -> list[str] | None:
-    """The C compiler command: ``$CC`` split like a shell word list (``CC="gcc -O2"`` keeps its flags), else the
-    first of ``cc``, ``gcc`` and ``clang`` on the PATH."""
-    if os.environ.get("CC", "").strip():
-        return shlex.split(os.environ["CC"])
-    found = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    return None if found is None else [found]
-
-
-def _build(compiler: list[str], target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: safe when concurrent
-        out = Path(tmp) / target.name
-        cmd = [*compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[-500:]}")
-        os.replace(out, target)
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -78,44 +46,39 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def _load(target: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(target))
-    try:
-        return _declare(lib)
-    except AttributeError:  # loaded without the kernels: unload it, or a rebuild at this path would get it back
-        if hasattr(_ctypes, "dlclose"):
-            _ctypes.dlclose(lib._handle)
-        raise
+def _unavailable(why: str) -> None:
+    warnings.warn(f"pqflex: the native CPU kernels are unavailable ({why}); CPU decode runs the slower plain-torch "
+                  "code", RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built first if needed; None (after one warning) where they cannot be had."""
+    """The kernels built when pqflex was installed (``native_build.LIBRARY``), loaded once; None, after one warning,
+    where they are missing, damaged or built from another ``cpu_kernels.c``. Nothing is compiled here."""
     if os.environ.get("PQFLEX_NATIVE", "1") == "0":
         return None
-    compiler = _compiler()
-    if compiler is None:
-        warnings.warn("pqflex: no C compiler found (set CC); CPU decode runs the slower plain-torch reference",
-                      RuntimeWarning, stacklevel=2)
+    path = native_build.LIBRARY
+    if not path.exists():
+        _unavailable(f"{path.name} was not built when pqflex was installed, for want of a C compiler: reinstall "
+                     "pqflex where one is (pip install -e . in a checkout, or python -m pqflex.ops.native_build)")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((*compiler, *FLAGS)).encode()).hexdigest()[:16]
-    suffix = ".dll" if sys.platform == "win32" else ".so"
-    target = cache_dir() / f"cpu_kernels-{platform.machine()}-{digest}{suffix}"
     try:
-        built = not target.exists()
-        if built:
-            _build(compiler, target)
-        try:
-            return _load(target)
-        except (OSError, AttributeError):  # a damaged cached file (unloadable, or without the kernels): once more
-            if built:
-                raise
-            _build(compiler, target)
-            return _load(target)
-    except (OSError, RuntimeError, AttributeError) as err:
-        warnings.warn(f"pqflex: the native CPU kernels are unavailable ({err}); CPU decode runs the slower "
-                      "plain-torch reference", RuntimeWarning, stacklevel=2)
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        _unavailable(f"{path} does not load: {err}; reinstall pqflex")
         return None
+    try:
+        lib.pqflex_source_digest.restype = ctypes.c_char_p
+        built = lib.pqflex_source_digest().decode()
+        _declare(lib)
+    except AttributeError as err:
+        _unavailable(f"{path} lacks the kernels ({err}); reinstall pqflex")
+        return None
+    if native_build.SOURCE.exists() and built != native_build.source_digest():
+        _unavailable(f"{path.name} was built from another cpu_kernels.c; rebuild it: pip install -e . (or make "
+                     "setup, or python -m pqflex.ops.native_build)")
+        return None
+    return lib
 
 
 def _p(t: torch.Tensor) -> int:
