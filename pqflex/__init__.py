@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "retrieval_attention": "pqflex.attention",
     "METHODS": "pqflex.config", "Budget": "pqflex.config", "PQConfig": "pqflex.config",
+    "parse_budget": "pqflex.config",
     "PQIndex": "pqflex.index",
     "DecodeGraph": "pqflex.integrations.graphs",
     "CACHE_KWARG": "pqflex.integrations.transformers", "PQCache": "pqflex.integrations.transformers",

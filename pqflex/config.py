@@ -54,6 +54,18 @@ def _check_float(name: str, value: object, low: float, high: float, low_open: bo
         raise ValueError(f"PQConfig.{name}={value} is out of range; allowed: {bracket}{low}, {high}]")
 
 
+def parse_budget(text: str) -> float | int:
+    """A budget as written on a command line: ``"0.1"`` -> 0.1 (a fraction of the context), ``"2048"`` -> 2048
+    tokens. Raises ``ValueError`` naming the text otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0 or (value > 1 and value != int(value)):
+        raise ValueError(f"budget must be a fraction of the context in (0, 1] or a whole number of tokens, got {text!r}")
+    return int(value) if value > 1 else value
+
+
 @dataclasses.dataclass(frozen=True)
 class PQConfig:
     """Settings of PQCache retrieval attention.

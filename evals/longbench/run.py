@@ -120,8 +120,7 @@ def markdown(summary: dict[str, dict[str, float]], counts: dict[str, int]) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pqflex.harness.cli import _budget
-    from pqflex import METHODS
+    from pqflex import METHODS, parse_budget
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m not in METHODS:
             parser.error(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
-    budgets = [_budget(b) for b in args.budgets.split(",")]
+    budgets = [parse_budget(b) for b in args.budgets.split(",")]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = (load_model(args.model, "sdpa", device=device) if args.model
                         else load_default_model("sdpa", device=device, progress=False))

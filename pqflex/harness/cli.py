@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import math
 import sys
 from pathlib import Path
 
 import pqflex
-from pqflex import METHODS, PQConfig
+from pqflex import METHODS, PQConfig, parse_budget
 from pqflex.harness.suite import TASKS
 
 BENCH_METHODS = ("pqcache", "pqcache-offload", "pqflex-dense", "sdpa-static", "sdpa")
@@ -18,15 +17,10 @@ PRESETS = ("llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2.5-7b", "smollm2
 
 
 def _budget(text: str) -> float | int:
-    """``"0.1"`` -> 0.1 (a fraction of the context); ``"2048"`` -> 2048 tokens."""
     try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0 or (value > 1 and value != int(value)):
-        raise argparse.ArgumentTypeError(
-            f"budget must be a fraction of the context in (0, 1] or a whole number of tokens, got {text!r}")
-    return int(value) if value > 1 else value
+        return parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def _budgets(text: str) -> list[float | int]:
