@@ -2,7 +2,7 @@
 
 Per context (Llama-3.1-8B attention: Hkv=8, G=4, D=128, bf16) and PQ setting (M, nbits): pqcache's whole
 compiled step (encode the new key, score + select, attend) with each backend, after a correctness check against
-the reference masked attention over the same plan; the selection alone; dense SDPA over the context; and the byte
+masked SDPA over the same plan; the selection alone; dense SDPA over the context; and the byte
 floor of select + attend (the codes of every token and the K/V rows of the attended ones, once, at the card's
 bandwidth). Times are medians of CUDA-graph replays. Usage::
 
@@ -17,9 +17,8 @@ import json
 
 import torch
 
-from pqflex import PQConfig, PQIndex
+from pqflex import PQConfig, PQIndex, ResidentKV, attention_backend
 from pqflex.harness.bench import environment, graph_time_us, layer_attention_us
-from pqflex.ops import reference
 
 PRESET = "llama-3.1-8b"
 HKV, H, D = 8, 32, 128
@@ -39,17 +38,20 @@ def _inputs(batch: int, context: int, seed: int):
 
 
 def check(batch: int, context: int, config: PQConfig) -> float:
-    """Max error of the compiled step against the reference masked attention over the same plan (fp32)."""
+    """Max error of the compiled step against masked SDPA over the same plan (fp32)."""
     cap, q, k, v = _inputs(batch, context, 1)
     index = PQIndex.build(k[:, :, :context - 1], config, capacity=cap)
     n = torch.tensor(context, device="cuda")
-    index.store(k, n)
-    out = torch.compile(lambda: index.step(q, k, v, n, D ** -0.5), fullgraph=True, dynamic=False)()
-    grow = PQIndex(index.config, index.quantizer, index.codes[:, :, :context], index.start, index.sink,
-                   index.recent, index.topk, index.k_max, index.sink_max, index.recent_max)
-    plan = grow.plan(q, D ** -0.5)
-    want = reference.masked_attention(q.float(), k[:, :, :context].float(), v[:, :, :context].float(), plan,
-                                      D ** -0.5)
+    index.append(k[:, :, context - 1:context], n - 1)
+    kv = ResidentKV(k, v, attention_backend(config))
+    out = torch.compile(lambda: kv.attend(q, index.plan(q, n, D ** -0.5), D ** -0.5), fullgraph=True,
+                        dynamic=False)()
+    selection = index.plan(q, n, D ** -0.5)
+    tokens = torch.where(selection.valid, selection.tokens, context)  # invalid slots point past the context
+    plan = torch.zeros(*tokens.shape[:2], 1, context + 1, dtype=torch.bool, device="cuda")
+    plan = plan.scatter_(-1, tokens[:, :, None], True)[..., :context].repeat_interleave(H // HKV, dim=1)
+    kk, vv = (t[:, :, :context].float().repeat_interleave(H // HKV, dim=1) for t in (k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=plan, scale=D ** -0.5)
     return (out.float() - want).abs().max().item()
 
 
@@ -57,7 +59,7 @@ def select_us(batch: int, context: int, config: PQConfig) -> float:
     cap, q, k, _ = _inputs(batch, context, 2)
     index = PQIndex.build(k[:, :, :context - 1], config, capacity=cap)
     n = torch.tensor(context, device="cuda")
-    return graph_time_us(torch.compile(lambda: index.select(q, n, D ** -0.5), fullgraph=True, dynamic=False))
+    return graph_time_us(torch.compile(lambda: index.plan(q, n, D ** -0.5), fullgraph=True, dynamic=False))
 
 
 def floor_us(batch: int, context: int, config: PQConfig) -> float:

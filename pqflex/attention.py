@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from pqflex.config import PQConfig
 from pqflex.index import PQIndex
+from pqflex.kvstore import ResidentKV
+from pqflex.ops.backends import attention_backend
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -59,7 +61,9 @@ def retrieval_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """
     check_attention_inputs(query, key, value, config)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    return PQIndex.build(key, config, kv_mask).attend(query, key, value, scale)
+    index = PQIndex.build(key, config, kv_mask)
+    selection = index.plan(query, key.shape[-2], scale, key)
+    return ResidentKV(key, value, attention_backend(config)).attend(query, selection, scale)
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_mask: torch.Tensor | None,

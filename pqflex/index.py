@@ -12,14 +12,15 @@ recent window ``(p - recent_size, p]`` and the ``topk`` middle tokens with the b
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from pqflex.config import PQConfig
-from pqflex.ops import native, reference
+from pqflex.ops import reference
 from pqflex.ops.pq_select import pq_select
 from pqflex.quantizer import ProductQuantizer
-from pqflex.sparse import FLEX_KV_BLOCK, decode_token_list, sparse_decode_attention
 
 
 def left_padding_start(kv_mask: torch.Tensor | None, B: int, N: int, device: torch.device) -> torch.Tensor:
@@ -113,6 +114,63 @@ def select_blocks(scores: torch.Tensor, start: torch.Tensor, lo: torch.Tensor, h
         block, device=scores.device)  # [B, Hkv, k, block]
     out = torch.where(ok[..., None], tokens, -1).flatten(-2).to(torch.int32)
     return F.pad(out, (0, (slots - k) * block), value=-1)
+
+
+class Selection(NamedTuple):
+    """The plan of one step: which cached tokens each query attends, per KV head (see :meth:`PQIndex.plan`).
+
+    A decode step (one query per sequence) gets a token list of static width ``T = sink + middle + recent``: the
+    sink positions, the ``middle`` top-k slots and the recent window, with a validity mask; several queries get a
+    mask per query.
+
+    Attributes:
+        tokens: ``[B, Hkv, T]`` int64 positions in ``[0, n)`` (0 in empty slots; the valid ones distinct), or None.
+        valid: ``[B, Hkv, T]`` bool, which slots hold a real token; None with ``tokens``.
+        mask: ``[B, Hkv, S, N]`` bool, the tokens each of ``S > 1`` queries attends; None for a token list.
+        sink, middle: static widths of the list's sink part and top-k part (the recent part follows).
+        full: every slot is a real token (``valid`` all True), so attention needs no mask.
+        dense: every sequence attends all of its tokens ``[start, n)``: a KV source may attend that range instead.
+        start: ``[B]`` first valid position of each sequence; n: tokens cached (int or 0-d tensor).
+    """
+
+    tokens: torch.Tensor | None
+    valid: torch.Tensor | None
+    mask: torch.Tensor | None
+    sink: int
+    middle: int
+    full: bool
+    dense: bool
+    start: torch.Tensor
+    n: torch.Tensor | int
+
+
+def decode_token_list(selected: torch.Tensor, start: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor,
+                      n: torch.Tensor | int, sink_max: int, recent_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions attended by the query at position ``n - 1`` of each sequence, and which of them are real.
+
+    Args:
+        selected: ``[B, Hkv, k_max]`` int32 middle-token positions, ``-1`` for empty slots.
+        start: ``[B]`` first valid position; ``sink``, ``recent``: ``[B]`` budgets (see :class:`PQIndex`).
+        n: tokens cached, the new one included (an int or a 0-d tensor: the same for every sequence).
+        sink_max, recent_max: static widths, at least ``max(sink)`` and ``min(max(recent), n)``.
+
+    Returns:
+        ``idx [B, Hkv, T]`` int64 positions in ``[0, n)`` (0 in empty slots) and ``valid [B, Hkv, T]`` bool; the
+        valid positions are distinct: sink ``[start, start + sink)``, the selected slots, recent ``[n - recent, n)``
+        past the sink.
+    """
+    B, Hkv, _ = selected.shape
+    dev = selected.device
+    start, sink, recent = start[:, None], sink[:, None], recent[:, None]  # [B, 1]
+    sink_pos = start + torch.arange(sink_max, device=dev)  # [B, sink_max]
+    sink_ok = (sink_pos < start + sink) & (sink_pos < n)
+    recent_pos = n - recent_max + torch.arange(recent_max, device=dev)[None, :]  # [1, recent_max]
+    recent_ok = (recent_pos >= n - recent) & (recent_pos >= start + sink) & (recent_pos >= 0)
+    idx = torch.cat([sink_pos[:, None].expand(B, Hkv, sink_max), selected.long(),
+                     recent_pos[:, None].expand(B, Hkv, recent_max)], dim=-1)
+    valid = torch.cat([sink_ok[:, None].expand(B, Hkv, sink_max), selected >= 0,
+                       recent_ok[:, None].expand(B, Hkv, recent_max)], dim=-1)
+    return torch.where(valid, idx, 0), valid  # empty slots read row 0 (in bounds), never attended
 
 
 class PQIndex:
@@ -246,23 +304,23 @@ class PQIndex:
         sample = key.gather(2, order[:, None, :, None].expand(B, Hkv, T, D))
         return sample, train_mask[:, None, :].expand(B, Hkv, T)
 
-    def decode_offload(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: torch.Tensor | int,
-                       scale: float, store) -> torch.Tensor:
-        """A decode step over an offloaded KV store (:class:`pqflex.OffloadedKV`) that already holds the new token.
+    def append(self, key: torch.Tensor, position: torch.Tensor | int | None = None) -> None:
+        """Encode new keys ``[B, Hkv, S, D]`` with the existing centroids; they become cached tokens.
 
-        ``key``/``value`` ``[B, Hkv, 1, D]`` are the newest token (position ``n - 1``): its key is encoded, the
-        selection runs on the codes as in :meth:`step`, and the store attends the token list. No host sync.
+        ``position=None``: a growing index, the codes are appended. Else a fixed-capacity index: the one new key
+        (``S = 1``) is encoded into row ``position`` (a 0-d device tensor or an int), with no host sync.
         """
-        if self.quantizer is not None:
-            m = n if torch.is_tensor(n) else torch.tensor(n, device=key.device)
-            self.codes.index_copy_(2, (m - 1).reshape(1), self.quantizer.encode(key))
-        return store.attend(query, self.select(query, n, scale), self, n, scale)
-
-    def append(self, key: torch.Tensor) -> None:
-        """Encode new keys ``[B, Hkv, S, D]`` with the existing centroids; they become cached tokens."""
         if key.shape[:2] != self.codes.shape[:2] or key.dim() != 4:
             raise ValueError(f"new keys must be [B, Hkv, S, D] with B, Hkv = {tuple(self.codes.shape[:2])}, "
                              f"got {tuple(key.shape)}")
+        if position is not None:
+            if key.shape[2] != 1:
+                raise ValueError(f"a fixed-capacity index stores one new key per step, got {key.shape[2]}")
+            if self.quantizer is None:  # the exact scorer reads the keys themselves
+                return
+            pos = (position if torch.is_tensor(position) else torch.tensor(position, device=key.device)).reshape(1)
+            self.codes.index_copy_(2, pos.to(self.codes.device), self.quantizer.encode(key))
+            return
         new = (key.new_zeros(*key.shape[:3], 0, dtype=torch.uint8) if self.quantizer is None
                else self.quantizer.encode(key))
         self.codes = torch.cat([self.codes, new], dim=-2)
@@ -292,16 +350,6 @@ class PQIndex:
         """Bytes held by the codes and centroids."""
         return sum(t.numel() * t.element_size() for t in self.buffers()[:2 if self.quantizer is not None else 1])
 
-    def store(self, key: torch.Tensor, n: torch.Tensor) -> None:
-        """Encode the newest key of a fixed-capacity cache: ``key [B, Hkv, C, D]``, position ``n - 1`` (0-d tensor).
-
-        No host synchronization: ``n`` stays on the device.
-        """
-        if self.quantizer is None:  # the exact scorer reads the keys themselves
-            return
-        pos = (n - 1).reshape(1)
-        self.codes.index_copy_(2, pos, self.quantizer.encode(key.index_select(2, pos)))
-
     def scores(self, query: torch.Tensor, scale: float, key: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled scores ``[B, Hkv, R, N]`` of query rows ``[B, Hkv, R, D]`` against the ``N`` indexed tokens.
 
@@ -315,8 +363,8 @@ class PQIndex:
         ip_table = reference.compute_ip_table(query, self.quantizer.centroids)  # [B, Hkv, R, M, ksub]
         return reference.adc_scores(ip_table, self.codes) * scale
 
-    def select(self, query: torch.Tensor, n: torch.Tensor | int, scale: float,
-               key: torch.Tensor | None = None) -> torch.Tensor:
+    def topk_tokens(self, query: torch.Tensor, n: torch.Tensor | int, scale: float,
+                    key: torch.Tensor | None = None) -> torch.Tensor:
         """The selected middle tokens (``[B, Hkv, W]`` int32, ``-1`` = empty) of a decode step at ``n - 1``.
 
         ``W`` is ``k_max`` for token selection and ``k_max`` rounded down to whole blocks for block selection.
@@ -336,69 +384,36 @@ class PQIndex:
         ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G, M, ksub]
         return pq_select(ip_table, self.codes, lo, hi, self.topk, self.k_max, scale)
 
-    def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: torch.Tensor | int,
-             scale: float) -> torch.Tensor:
-        """One decode step: attention ``[B, H, 1, D]`` of the query at position ``n - 1`` over its tokens.
 
-        ``key``/``value`` ``[B, Hkv, C, D]`` hold at least ``n`` tokens (more in a fixed-capacity cache) and the
-        new key is already encoded. Static shapes and no host synchronization, so the step compiles once.
-        """
-        C = key.shape[-2]
-        if self.dense:  # every sequence is dense: masked SDPA over the whole buffer
-            pos = torch.arange(C, device=key.device)
-            valid = (pos >= self.start[:, None]) & (pos < n)  # [B, C]
-            B, H, _, D = query.shape
-            q = query.reshape(B, key.shape[1], H // key.shape[1], D)
-            out = F.scaled_dot_product_attention(q, key, value, attn_mask=valid[:, None, None, :], scale=scale)
-            return out.reshape(query.shape)
-        idx, valid = decode_token_list(self.select(query, n, scale, key), self.start, self.sink, self.recent, n,
-                                       self.sink_max, min(self.recent_max, C))
-        block = self.config.block_size  # flex skips whole KV blocks: match the selection's (multiples of 16)
-        kv_block = block if self.config.selection == "block" and block % 16 == 0 else FLEX_KV_BLOCK
-        return sparse_decode_attention(query, key, value, idx, valid, scale, self.config.backend, self.full_lists,
-                                       kv_block)
-
-    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: torch.Tensor | int,
-               scale: float) -> torch.Tensor:
-        """A decode step whose newest key (row ``n - 1`` of ``key``) is not indexed yet: index it, then :meth:`step`.
-
-        A growing index (``n - 1`` rows) appends the new code, a fixed-capacity one stores it at row ``n - 1``. On
-        the CPU in fp32 (PQ scores, token selection, the default ``"fused"`` backend, eager) both happen in one C
-        pass, :func:`pqflex.ops.native.decode_step`, with the same math.
-        """
-        growing = self.num_tokens < key.shape[-2]
-        if (self.quantizer is not None and not self.dense and self.config.selection == "token"
-                and self.config.backend == "fused" and not torch.compiler.is_compiling()
-                and native.usable(query, key, value)):
-            m = int(n)
-            out, new = native.decode_step(query, key, value, self.quantizer.centroids, self.codes, self.start,
-                                          self.sink, self.recent, self.topk, m, self.k_max, scale)
-            if new is None:  # a non-finite key: the reference's arithmetic decides its code
-                new = self.quantizer.encode(key[:, :, m - 1:m])
-            if growing:
-                self.codes = torch.cat([self.codes, new], dim=-2)
-            else:
-                self.codes[:, :, m - 1:m] = new
-            return out.to(query.dtype)
-        if growing:
-            self.append(key[:, :, self.num_tokens:])
-        else:
-            self.store(key, n if torch.is_tensor(n) else torch.tensor(n, device=key.device))
-        return self.step(query, key, value, n, scale)
-
-    def plan(self, query: torch.Tensor, scale: float, key: torch.Tensor | None = None) -> torch.Tensor:
-        """Which cached tokens each query attends, per KV head.
+    def plan(self, query: torch.Tensor, n: torch.Tensor | int, scale: float,
+             key: torch.Tensor | None = None) -> Selection:
+        """Which cached tokens each query attends, per KV head: the first half of a step (no key or value is read).
 
         Args:
-            query: ``[B, H, S, D]``, the last ``S`` of the ``N`` cached positions.
-            scale: softmax scale of the scores used for the GQA aggregation.
-            key: ``[B, Hkv, N, D]``, needed by the ``"exact"`` scorer only.
+            query: ``[B, H, S, D]``, the queries of the last ``S`` of the ``n`` cached positions (their keys are
+                indexed already: :meth:`append`).
+            n: tokens cached, the new ones included (an int, or a 0-d device tensor in a fixed-capacity cache).
+            scale: softmax scale of the scores.
+            key: ``[B, Hkv, >= n, D]``, for the ``"exact"`` scorer only (the oracle scores the keys themselves).
 
         Returns:
-            ``attend [B, Hkv, S, N]`` bool: sink + recent + selected middle tokens, causal and padding-free.
+            A :class:`Selection`: the token list of a decode step (``S = 1``; static widths, no host sync) or a
+            token mask per query (``S > 1``).
         """
+        S = query.shape[-2]
+        if S > 1:
+            return Selection(None, None, self._plan_mask(query, int(n), scale, key), 0, 0, False, False, self.start,
+                             n)
+        selected = self.topk_tokens(query, n, scale, key)
+        tokens, valid = decode_token_list(selected, self.start, self.sink, self.recent, n, self.sink_max,
+                                          min(self.recent_max, self.num_tokens))
+        return Selection(tokens, valid, None, self.sink_max, selected.shape[-1], self.full_lists, self.dense,
+                         self.start, n)
+
+    def _plan_mask(self, query: torch.Tensor, N: int, scale: float, key: torch.Tensor | None) -> torch.Tensor:
+        """``attend [B, Hkv, S, N]`` bool of queries at positions ``N - S ..``: sink + recent + top-k, causal."""
         B, H, S, D = query.shape
-        Hkv, N = self.codes.shape[1], self.num_tokens
+        Hkv = self.codes.shape[1]
         G = H // Hkv
         pos = torch.arange(N, device=query.device)
         qpos = torch.arange(N - S, N, device=query.device)[:, None]  # [S, 1]
@@ -409,22 +424,16 @@ class PQIndex:
 
         if self.k_max == 0:  # no top-k: dense sequences, or sink + recent only (StreamingLLM)
             return (sink | recent)[:, None].expand(B, Hkv, S, N)
-        if S == 1 or self.config.selection == "block":  # each query as a decode step at its position
-            idx = torch.stack([self.select(query[:, :, i:i + 1], N - S + i + 1, scale, key) for i in range(S)],
+        if self.config.selection == "block":  # each query as a decode step at its position
+            idx = torch.stack([self.topk_tokens(query[:, :, i:i + 1], N - S + i + 1, scale, key) for i in range(S)],
                               dim=2)
             indices, ok = idx.long().clamp(min=0), idx >= 0  # [B, Hkv, S, W]
         else:
             q = query.reshape(B, Hkv, G * S, D)  # [B, Hkv, G * S, D]
             candidates = valid & ~sink & ~recent  # [B, S, N]
-            scores = self.scores(q, scale, key).view(B, Hkv, G, S, N)
+            scores = self.scores(q, scale, key)[..., :N].view(B, Hkv, G, S, N)
             agg = reference.gqa_scores(scores, candidates)  # [B, Hkv, S, N]
             indices, ok = reference.select_topk(agg, self.topk, self.k_max)  # [B, Hkv, S, k_max]
         selected = torch.zeros(B, Hkv, S, N, dtype=torch.int32, device=query.device)
         selected = selected.scatter_add_(-1, indices, ok.int()) > 0
         return (sink | recent)[:, None] | selected
-
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-        """Exact attention ``[B, H, S, D]`` over the planned tokens of ``key``/``value`` ``[B, Hkv, N, D]``."""
-        if query.shape[-2] == 1:
-            return self.step(query, key, value, key.shape[-2], scale)
-        return reference.masked_attention(query, key, value, self.plan(query, scale, key), scale)

@@ -1,4 +1,12 @@
-"""OffloadedKV: the keys and values of one layer in CPU memory, with the few rows a decode step needs on the GPU.
+"""KV sources: where a step's keys and values are, and how a step attends them (the second half of plan, then run).
+
+Both take a :class:`pqflex.index.Selection` from :meth:`pqflex.PQIndex.plan` and return the attention output,
+``kv.attend(query, selection, scale)``; neither calls back into the index:
+
+- :class:`ResidentKV`: the cache's own tensors on the model's device; the backend object reads the listed rows.
+- :class:`OffloadedKV`: every key and value in CPU memory, a few rows on the GPU (below).
+
+OffloadedKV keeps the keys and values of one layer in CPU memory, with the few rows a decode step needs on the GPU.
 
 Every cached token's key and value lives in CPU memory (pinned when the model runs on CUDA) from the moment it is
 cached: the prompt goes there by a bulk copy on a side stream during the prefill, each decoded token by a write
@@ -30,9 +38,28 @@ import warnings
 import torch
 
 from pqflex.config import PQConfig
-from pqflex.index import PQIndex, sequence_budgets
+from pqflex.index import Selection, sequence_budgets
 from pqflex.ops import offload  # noqa: F401  (registers torch.ops.pqflex.offload_gather)
-from pqflex.sparse import decode_token_list, sparse_decode_attention
+from pqflex.ops.backends import attention_backend, masked_attention, range_attention
+
+
+class ResidentKV:
+    """The keys and values ``[B, Hkv, C, D]`` a cache holds on the model's device (``C`` cached tokens, or a
+    fixed-capacity buffer with the first ``n`` rows filled), attended by the layer's backend object
+    (:func:`pqflex.ops.backends.attention_backend`, chosen when the layer was built)."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, backend) -> None:
+        self.key, self.value, self.backend = key, value, backend
+
+    def attend(self, query: torch.Tensor, selection: Selection, scale: float) -> torch.Tensor:
+        """Exact attention ``[B, H, S, D]`` of ``query`` ``[B, H, S, D]`` over the tokens ``selection`` lists."""
+        if selection.mask is not None:  # several queries, a token mask each
+            N = selection.mask.shape[-1]
+            return masked_attention(query, self.key[:, :, :N], self.value[:, :, :N], selection.mask, scale)
+        if selection.dense:  # every token of each sequence: masked SDPA over the buffer
+            return range_attention(query, self.key, self.value, selection.start, selection.n, scale)
+        return self.backend(query, self.key, self.value, selection.tokens, None if selection.full else selection.valid,
+                            scale)
 
 
 class _CudaArray:
@@ -113,6 +140,7 @@ class OffloadedKV:
                           "values are in CPU memory already) and decodes several times slower than the resident "
                           "cache: use offload=False without a GPU", RuntimeWarning, stacklevel=2)
         self.dtype = dtype
+        self.backend = attention_backend(config)
         self.buffer = HostBuffer((2, B, Hkv, C, D), dtype, self.device)
         self.host_keys, self.host_values = self.buffer.tensor.unbind(0)
         self.keys = device_view(self.host_keys, self.device, self.buffer)
@@ -249,20 +277,20 @@ class OffloadedKV:
 
     # -- a decode step ------------------------------------------------------------------------------------------
 
-    def attend(self, query: torch.Tensor, selected: torch.Tensor, index: PQIndex, n: torch.Tensor | int,
-               scale: float) -> torch.Tensor:
-        """Attention ``[B, H, 1, D]`` of the query at position ``n - 1`` over sink + ``selected`` + recent.
-
-        ``selected`` ``[B, Hkv, W]`` (``-1`` = empty) comes from ``index``; its token list is
-        :func:`pqflex.sparse.decode_token_list`'s, as in :meth:`pqflex.PQIndex.step`. Then the hot cache counts
-        this selection and admits what missed. No host sync.
-        """
+    def attend(self, query: torch.Tensor, selection: Selection, scale: float) -> torch.Tensor:
+        """Attention ``[B, H, 1, D]`` of one query per sequence over the tokens of ``selection`` (a decode step's
+        token list, :meth:`pqflex.PQIndex.plan`): each row read from exactly one place (sink, ring, hot hit, or
+        CPU memory for a miss). Then the hot cache counts this selection and admits what missed. No host sync."""
         if self.rows_k is None:
             raise RuntimeError("OffloadedKV.attend before setup(): prefill the prompt first")
-        B, Hkv, W = selected.shape
-        S0, g = self.sink_max, self.config.hot_block
-        idx, valid = decode_token_list(selected, index.start, index.sink, index.recent, n, S0, self.ring)
-        T = idx.shape[-1]
+        if selection.tokens is None:
+            raise ValueError("an offloaded cache attends one query per sequence (a token list), got a token mask")
+        idx, valid, n = selection.tokens, selection.valid, selection.n
+        B, Hkv, T = idx.shape
+        S0, W, g = selection.sink, selection.middle, self.config.hot_block
+        if S0 != self.sink_max or T - S0 - W != self.ring:
+            raise ValueError(f"the token list's widths (sink {S0}, recent {T - S0 - W}) are not this store's "
+                             f"(sink {self.sink_max}, ring {self.ring})")
         sel, sel_ok = idx[:, :, S0:S0 + W], valid[:, :, S0:S0 + W]
         if self.units:
             unit = sel // g
@@ -279,7 +307,7 @@ class OffloadedKV:
         k = torch.ops.pqflex.offload_gather(self.rows_k, self.keys, rows, idx)
         v = torch.ops.pqflex.offload_gather(self.rows_v, self.values, rows, idx)
         slots = torch.arange(T, device=idx.device).expand(B, Hkv, T)
-        out = sparse_decode_attention(query, k, v, slots, valid, scale, self.config.backend, index.full_lists)
+        out = self.backend(query, k, v, slots, None if selection.full else valid, scale)
         self.lookups.add_(sel_ok.sum())
         self.hits.add_(hit.sum())
         if self.units:

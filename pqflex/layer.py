@@ -32,7 +32,8 @@ import torch
 from pqflex.attention import causal_attention, check_attention_inputs
 from pqflex.config import PQConfig
 from pqflex.index import PQIndex
-from pqflex.kvstore import OffloadedKV
+from pqflex.kvstore import OffloadedKV, ResidentKV
+from pqflex.ops.backends import attention_backend
 from pqflex.quantizer import ProductQuantizer
 
 
@@ -61,6 +62,7 @@ class PQLayer:
             raise NotImplementedError("PQConfig(offload=True) needs a fixed-capacity cache: give generate() a "
                                       "pqflex.PQStaticCache(model, max_cache_len)")
         self.config, self.capacity, self.deferred = config, capacity, deferred
+        self.backend = attention_backend(config)  # how the resident KV attends a token list
         self.store: OffloadedKV | None = None  # offload: every cached key and value
         self.job: concurrent.futures.Future | None = None  # CPU k-means of the prompt, collected by the owner
         self.index: PQIndex | None = None
@@ -176,9 +178,12 @@ class PQLayer:
                 raise NotImplementedError(f"a fixed-capacity cache decodes one token per forward, got {S} after "
                                           "decoding started; to start a new prompt, call cache.reset() first")
             self.decoding = True
-            if self.store is not None:
-                return self.index.decode_offload(query, key, value, n, scale, self.store)
-            return self.index.decode(query, key, value, n, scale)
+            if self.store is not None:  # offload: key/value are the new token, already in the store
+                new, kv, keys = key, self.store, self.store.keys
+            else:
+                new, kv, keys = key.index_select(2, (n - 1).reshape(1)), ResidentKV(key, value, self.backend), key
+            self.index.append(new, n - 1)
+            return kv.attend(query, self.index.plan(query, n, scale, keys), scale)
         N = key.shape[-2]
         check_attention_inputs(query, key, value, self.config)
         if self.index is None:
@@ -196,10 +201,8 @@ class PQLayer:
                                f"step but the PQ index covers {index.num_tokens} tokens of {index.codes.shape[0]}; "
                                "the cache was changed outside pqflex (reset() it for a new sequence)")
         self.decoding = True
-        if S == 1:
-            return index.decode(query, key, value, N, scale)
         index.append(key[:, :, N - S:])
-        return index.attend(query, key, value, scale)
+        return ResidentKV(key, value, self.backend).attend(query, index.plan(query, N, scale, key), scale)
 
     def check_select_batch(self) -> None:
         """Raise (changing nothing) if :meth:`select_batch` would refuse."""

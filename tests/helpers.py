@@ -33,3 +33,22 @@ def clustered_keys(B, Hkv, N, D, n_clusters=32, spread=0.35, generator=None):
     assign = torch.randint(n_clusters, (B, Hkv, N), generator=generator)
     base = torch.gather(centers, 2, assign[..., None].expand(B, Hkv, N, D))
     return base + spread * torch.randn(B, Hkv, N, D, generator=generator)
+
+
+def selection_mask(selection, N: int) -> torch.Tensor:
+    """``[B, Hkv, S, N]`` bool of the tokens a :class:`pqflex.Selection` attends (its mask, or its token list)."""
+    if selection.mask is not None:
+        return selection.mask[..., :N]
+    B, Hkv, _ = selection.tokens.shape
+    hits = torch.zeros(B, Hkv, 1, max(N, int(selection.tokens.max()) + 1), dtype=torch.int32,
+                       device=selection.tokens.device)
+    hits = hits.scatter_add_(-1, selection.tokens[:, :, None], selection.valid[:, :, None].int())
+    return hits[..., :N] > 0
+
+
+def decode(index, query, key, value, n, scale, backend=None):
+    """One decode step of ``index`` over ``key``/``value`` (its newest key indexed already): plan, then attend."""
+    from pqflex import ResidentKV, attention_backend
+
+    kv = ResidentKV(key, value, attention_backend(index.config if backend is None else backend))
+    return kv.attend(query, index.plan(query, n, scale, key), scale)

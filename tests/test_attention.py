@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pqflex import PQConfig, PQIndex, retrieval_attention
-from tests.helpers import assert_close_rule, clustered_keys, dense_causal
+from tests.helpers import assert_close_rule, clustered_keys, dense_causal, selection_mask
 
 SPARSE = PQConfig(budget=64, sink_size=4, min_context=0, niter=8)
 
@@ -41,7 +41,7 @@ def test_sink_recent_always_attended_and_count_equals_budget(S):
     q, k, _ = qkv(B, H, Hkv, S, N, D)
     index = PQIndex.build(k, SPARSE)
     budget = SPARSE.resolve_budget(N)
-    attend = index.plan(q, D ** -0.5)  # [B, Hkv, S, N]
+    attend = selection_mask(index.plan(q, N, D ** -0.5), N)  # [B, Hkv, S, N]
     assert attend.shape == (B, Hkv, S, N)
     last = attend[:, :, -1]
     assert (last.sum(-1) == budget.total).all()
@@ -60,12 +60,12 @@ def test_multi_token_step_equals_single_steps():
     B, H, Hkv, S, N, D = 2, 4, 2, 4, 400, 32
     q, k, _ = qkv(B, H, Hkv, S, N, D)
     index = PQIndex.build(k, SPARSE)
-    attend = index.plan(q, D ** -0.5)
+    attend = selection_mask(index.plan(q, N, D ** -0.5), N)
     for i in range(S):
         n = N - S + i + 1
         step = PQIndex(SPARSE, index.quantizer, index.codes[:, :, :n], index.start, index.sink, index.recent,
                        index.topk, index.k_max, index.sink_max, index.recent_max)
-        single = step.plan(q[:, :, i: i + 1], D ** -0.5)
+        single = selection_mask(step.plan(q[:, :, i: i + 1], n, D ** -0.5), n)
         assert torch.equal(single[:, :, 0], attend[:, :, i, :n])
 
 
@@ -93,7 +93,7 @@ def test_left_padded_batch_equals_rows_alone():
         alone = retrieval_attention(q[b:b + 1], k[b:b + 1, :, N - n:], v[b:b + 1, :, N - n:], cfg)
         torch.testing.assert_close(out[b:b + 1], alone, rtol=1e-5, atol=1e-5)
     index = PQIndex.build(k, cfg, kv_mask)
-    attend = index.plan(q, D ** -0.5)
+    attend = selection_mask(index.plan(q, N, D ** -0.5), N)
     assert not (attend & ~kv_mask[:, None, None, :]).any(), "a padded token was attended"
     for b, n in enumerate(lengths):
         assert (attend[b, :, -1].sum(-1) == min(cfg.resolve_budget(n).total, n)).all()
@@ -110,7 +110,7 @@ def test_planted_needle_is_always_selected():
         pos = int(torch.randint(200, N - 400, (1,), generator=g))
         direction = q[0, :, 0].mean(0)
         k[0, 0, pos] = 3.0 * direction / direction.norm() * k[0, 0].norm(dim=-1).mean()
-        attend = PQIndex.build(k, cfg).plan(q, D ** -0.5)
+        attend = selection_mask(PQIndex.build(k, cfg).plan(q, N, D ** -0.5), N)
         hits += bool(attend[0, 0, 0, pos])
     assert hits == 10
 
@@ -128,13 +128,14 @@ def test_adc_topk_recall_against_exact_topk():
     q = clustered_keys(B, Hkv, 1, D, generator=g)
     index = PQIndex.build(k, cfg)
     b = cfg.resolve_budget(N)
-    attend = index.plan(q, D ** -0.5)[:, :, 0]  # [B, Hkv, N]
+    attend = selection_mask(index.plan(q, N, D ** -0.5), N)[:, :, 0]  # [B, Hkv, N]
     lo, hi = b.sink_size, N - b.recent_size
     exact = (q @ k.transpose(-1, -2))[:, :, 0, lo:hi].topk(b.topk, dim=-1).indices + lo  # [B, Hkv, topk]
     recall = attend.gather(-1, exact).float().mean().item()
     print(f"ADC top-k recall at 1/10 budget: {recall:.3f}")
     assert recall >= 0.5
-    attend = PQIndex.build(k, PQConfig(budget=0.1, min_context=1024)).plan(q, D ** -0.5)[:, :, 0]
+    default = PQIndex.build(k, PQConfig(budget=0.1, min_context=1024))
+    attend = selection_mask(default.plan(q, N, D ** -0.5), N)[:, :, 0]
     assert attend.gather(-1, exact).float().mean().item() > recall
 
 

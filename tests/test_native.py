@@ -11,7 +11,7 @@ from pqflex import PQConfig
 from pqflex.index import PQIndex
 from pqflex.layer import PQLayer
 from pqflex.ops import native, reference
-from tests.helpers import clustered_keys
+from tests.helpers import clustered_keys, decode
 from tests.test_pq_select import agg_scores, check, make_inputs
 from tests.test_sparse_attention import make_inputs as attention_inputs
 
@@ -181,10 +181,6 @@ def test_out_of_range_indices_raise_instead_of_reading_past_the_buffers():
     args[1][0, 0, 3, 1] = 16
     with pytest.raises(IndexError, match="out of range for ksub=16"):
         native.pq_select(*args)
-    (index, _), q, k, v, scale = _index_pair(1, 300, 0.2)
-    with pytest.raises(ValueError, match="n=302 out of range"):
-        native.decode_step(q, k, v, index.quantizer.centroids, index.codes, index.start, index.sink, index.recent,
-                           index.topk, 302, index.k_max, scale)
 
 
 @needs_native
@@ -222,27 +218,34 @@ def _index_pair(B, N, budget, capacity=None, start=None):
     return idx, q, k, v, D ** -0.5
 
 
+def _step(index, q, k, v, n, scale):
+    """A decode step as PQLayer.step runs it: append the newest key (row n - 1), plan, attend."""
+    growing = index.num_tokens < k.shape[2]
+    index.append(k[:, :, n - 1:n], None if growing else torch.tensor(n - 1))
+    return decode(index, q, k, v, n if growing else torch.tensor(n), scale)
+
+
 @needs_native
 @pytest.mark.parametrize("capacity", [None, 700])
 @pytest.mark.parametrize("start", [None, [0, 37]])
-def test_decode_step_equals_the_op_path(monkeypatch, capacity, start):
-    """One C pass (encode the new key, select, attend) == store/append + PQIndex.step through the ops."""
+def test_decode_step_through_the_native_ops_equals_the_plain_torch_path(monkeypatch, capacity, start):
+    """append + plan + attend with the ops' C kernels (encode, select, attend) == the same with plain torch."""
     (fast, slow), q, k, v, scale = _index_pair(2, 600, 0.1, capacity, start)
-    out = fast.decode(q, k, v, 601, scale)
+    out = _step(fast, q, k, v, 601, scale)
     monkeypatch.setattr(native, "usable", lambda *t: False)
-    want = slow.decode(q, k, v, 601, scale)
+    want = _step(slow, q, k, v, 601, scale)
     torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
     assert torch.equal(fast.codes, slow.codes)
     assert fast.codes.shape[2] == (capacity or 601)
 
 
 @needs_native
-def test_decode_step_of_a_non_finite_key_encodes_it_like_the_reference(monkeypatch):
+def test_decode_step_of_a_non_finite_key_encodes_it_like_the_plain_torch_path(monkeypatch):
     (fast, slow), q, k, v, scale = _index_pair(1, 300, 0.2)
     k[0, 1, 300, 3] = float("inf")
-    fast.decode(q, k, v, 301, scale)
+    _step(fast, q, k, v, 301, scale)
     monkeypatch.setattr(native, "usable", lambda *t: False)
-    slow.decode(q, k, v, 301, scale)
+    _step(slow, q, k, v, 301, scale)
     assert torch.equal(fast.codes, slow.codes)
 
 

@@ -248,6 +248,16 @@ def test_cuda_chunked_prefill_under_generates_own_compile(offload):
     assert torch.equal(got, want)
 
 
+def selection_of(index, selected, n):
+    """The Selection of a decode step at ``n - 1`` whose top-k slots are ``selected`` (``[B, Hkv, k_max]``)."""
+    from pqflex.index import decode_token_list
+
+    tokens, valid = decode_token_list(selected, index.start, index.sink, index.recent, n, index.sink_max,
+                                      min(index.recent_max, index.num_tokens))
+    return pqflex.Selection(tokens, valid, None, index.sink_max, selected.shape[-1], index.full_lists, index.dense,
+                            index.start, n)
+
+
 def test_hot_unit_enters_only_once_all_its_tokens_are_cached():
     """A 32-token unit that reaches past the newest token stays out (it would go stale); once complete it enters."""
     config = PQConfig(budget=40, sink_size=4, min_context=0, niter=2, offload=True, hot_block=32, hot_ratio=4.0)
@@ -260,11 +270,11 @@ def test_hot_unit_enters_only_once_all_its_tokens_are_cached():
     selected = torch.full((B, Hkv, index.k_max), -1, dtype=torch.int32)
     selected[..., 0] = 70  # unit 2: positions 64..95, 90..95 not cached yet
     query = torch.randn(B, 2, 1, D)
-    store.attend(query, selected, index, N, 1.0)
+    store.attend(query, selection_of(index, selected, N), 1.0)
     assert (store.tags[..., :store.units] != 2).all()
     for m in range(N + 1, 97):  # the unit completes at 96 tokens
         store.write(key[:, :, m - 1:m], value[:, :, m - 1:m], m)
-    store.attend(query, selected, index, 96, 1.0)
+    store.attend(query, selection_of(index, selected, 96), 1.0)
     assert (store.tags[..., :store.units] == 2).any()
     check_store_rows(store, 96)
 

@@ -9,6 +9,7 @@ from transformers import CompileConfig
 import pqflex
 from pqflex import PQCache, PQConfig, PQStaticCache
 
+from tests.helpers import decode
 from tests.test_transformers import CACHE_KW, SPARSE, generate, make, prompt, twins
 
 # Three prompt lengths, two batch sizes, two budgets (a ratio: its top-k width changes with the length; a token
@@ -90,10 +91,11 @@ def _faulty_step(fault, backend, dtype, device="cpu"):
     else:
         probe = pqflex.PQIndex.build(k[:, :, :N - 1], cfg)  # the same index: which tokens the step selects
         probe.append(k[:, :, N - 1:])
-        chosen = int(probe.select(q, N, D ** -0.5)[0, 1, 0])
+        chosen = int(probe.topk_tokens(q, N, D ** -0.5)[0, 1, 0])
         assert 4 <= chosen < N - 30  # a middle token
         k[0, 1, chosen] = float("inf")
-    out = index.decode(q, k, v, N, D ** -0.5)
+    index.append(k[:, :, N - 1:])
+    out = decode(index, q, k, v, N, D ** -0.5)
     return out, dense_causal(q, k, v, scale=D ** -0.5)
 
 
@@ -122,10 +124,10 @@ def _spy_attended():
     from unittest import mock
 
     from pqflex import index as pq_index
-    from pqflex.ops import native, reference
+    from pqflex import kvstore
 
     counts = []
-    token_list, masked = pq_index.decode_token_list, reference.masked_attention
+    token_list, masked = pq_index.decode_token_list, kvstore.masked_attention
 
     def spy_list(*args):
         idx, valid = token_list(*args)
@@ -137,8 +139,7 @@ def _spy_attended():
         return masked(query, key, value, attend, scale)
 
     return counts, (mock.patch.object(pq_index, "decode_token_list", spy_list),
-                    mock.patch.object(reference, "masked_attention", spy_masked),
-                    mock.patch.object(native, "usable", lambda *tensors: False))
+                    mock.patch.object(kvstore, "masked_attention", spy_masked))
 
 
 @pytest.mark.parametrize("how", ["prompt_lookup", "assistant"])
@@ -155,7 +156,7 @@ def test_speculative_decoding(how):
     assert torch.equal(generate(pq, ids, **kw), generate(dense, ids, **kw))
     pqflex.configure(pq, SPARSE)
     counts, patches = _spy_attended()
-    with patches[0], patches[1], patches[2]:
+    with patches[0], patches[1]:
         out = generate(pq, ids, **kw)
         cache = PQCache(pq)
         assert torch.equal(generate(pq, ids, **kw, **{CACHE_KW: cache}), out)

@@ -3,11 +3,16 @@
 import pytest
 import torch
 
-from pqflex import PQConfig, PQIndex
+from pqflex import PQConfig, PQIndex, attention_backend
+from pqflex.index import decode_token_list
 from pqflex.ops import reference
-from pqflex.sparse import decode_token_list, flex_block_mask, sparse_decode_attention
+from pqflex.ops.backends import flex_block_mask
 
-from tests.helpers import assert_close_rule, dense_causal
+from tests.helpers import assert_close_rule, decode, dense_causal, selection_mask
+
+
+def sparse_decode_attention(q, k, v, idx, valid, scale, backend="gather", all_valid=False):
+    return attention_backend(PQConfig(backend=backend))(q, k, v, idx, None if all_valid else valid, scale)
 
 
 def token_list_case(B=2, Hkv=2, k_max=5, n=300, sink_max=4, recent_max=8, seed=0):
@@ -78,8 +83,6 @@ def test_flex_block_mask_lists_exactly_the_blocks_with_tokens():
 def test_bad_backend_and_query_length_raise():
     (idx, valid), _ = token_list_case()
     q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 384, 16)
-    with pytest.raises(ValueError, match="backend 'dense' is not supported"):
-        sparse_decode_attention(q, k, k, idx, valid, 0.25, "dense")
     with pytest.raises(ValueError, match="one query per sequence"):
         sparse_decode_attention(torch.randn(2, 4, 2, 16), k, k, idx, valid, 0.25)
     with pytest.raises(ValueError, match="PQConfig.backend='dense'"):
@@ -89,7 +92,7 @@ def test_bad_backend_and_query_length_raise():
 @pytest.mark.parametrize("backend,selection", [("gather", "token"), ("flex", "token"), ("fused", "token"),
                                                ("gather", "block"), ("flex", "block"), ("fused", "block")])
 def test_index_decode_in_a_fixed_capacity_buffer_equals_growing_cache(backend, selection):
-    """store + decode on a static buffer == append + attend on the exact-size cache, and both == reference."""
+    """append at row n - 1 + plan + attend on a static buffer == the same on the exact-size cache == reference."""
     cfg = PQConfig(budget=48, sink_size=4, min_context=0, niter=6, backend=backend, selection=selection,
                    block_size=8)
     B, H, Hkv, N, D, C = 2, 8, 2, 260, 16, 384
@@ -104,12 +107,12 @@ def test_index_decode_in_a_fixed_capacity_buffer_equals_growing_cache(backend, s
         n = N + step + 1
         q = torch.randn(B, H, 1, D, generator=g)
         grow.append(k[:, :, n - 1:n])
-        static.store(kbuf, torch.tensor(n))
+        static.append(kbuf[:, :, n - 1:n], torch.tensor(n - 1))
         assert torch.equal(static.codes[:, :, :n], grow.codes)
-        want = grow.attend(q, k[:, :, :n], v[:, :, :n], D ** -0.5)
-        got = static.step(q, kbuf, vbuf, torch.tensor(n), D ** -0.5)
+        want = decode(grow, q, k[:, :, :n], v[:, :, :n], n, D ** -0.5)
+        got = decode(static, q, kbuf, vbuf, torch.tensor(n), D ** -0.5)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        plan = grow.plan(q, D ** -0.5)
+        plan = selection_mask(grow.plan(q, n, D ** -0.5), n)
         torch.testing.assert_close(want, reference.masked_attention(q, k[:, :, :n], v[:, :, :n], plan, D ** -0.5),
                                    atol=1e-5, rtol=1e-5)
 
@@ -124,8 +127,8 @@ def test_dense_decode_in_a_fixed_capacity_buffer_is_causal_sdpa():
     kbuf, vbuf = torch.zeros(B, Hkv, C, D), torch.zeros(B, Hkv, C, D)
     kbuf[:, :, :N], vbuf[:, :, :N] = k, v
     q = torch.randn(B, H, 1, D, generator=g)
-    index.store(kbuf, torch.tensor(N))
-    got = index.step(q, kbuf, vbuf, torch.tensor(N), D ** -0.5)
+    index.append(kbuf[:, :, N - 1:N], torch.tensor(N - 1))
+    got = decode(index, q, kbuf, vbuf, torch.tensor(N), D ** -0.5)
     torch.testing.assert_close(got, dense_causal(q, k, v, kv_mask), atol=1e-5, rtol=1e-5)
 
 
@@ -137,7 +140,7 @@ def test_full_lists_means_every_slot_is_real():
     index = PQIndex.build(k[:, :, :399], PQConfig(budget=48, sink_size=4, min_context=0, niter=4), kv_mask)
     assert index.full_lists
     q = torch.randn(2, 8, 1, 16, generator=g)
-    idx, valid = decode_token_list(index.select(q, 400, 0.25), index.start, index.sink, index.recent, 400,
+    idx, valid = decode_token_list(index.topk_tokens(q, 400, 0.25), index.start, index.sink, index.recent, 400,
                                    index.sink_max, index.recent_max)
     assert valid.all() and valid.shape[-1] == 48
     masked = sparse_decode_attention(q, k, v, idx, valid, 0.25, "gather")
@@ -155,7 +158,7 @@ def test_select_blocks_takes_the_whole_blocks_with_the_most_mass():
     cfg = PQConfig(budget=120, sink_size=5, min_context=0, niter=4, selection="block", block_size=block)
     index = PQIndex.build(k, cfg, kv_mask)
     q = torch.randn(B, Hkv * G, 1, D, generator=g)
-    got = index.select(q, N, 0.25)
+    got = index.topk_tokens(q, N, 0.25)
     kb = int(index.topk[0]) // block
     assert got.shape == (B, Hkv, (index.k_max // block) * block) and index.full_lists
     lo, hi = index.start + index.sink, N - index.recent
@@ -183,8 +186,8 @@ def test_block_selection_of_a_padded_row_equals_the_row_alone():
     pad = 37
     kv_mask = torch.arange(N)[None, :] >= torch.tensor([0, pad])[:, None]
     cfg = PQConfig(budget=100, sink_size=5, min_context=0, niter=4, selection="block", block_size=16)
-    batched = PQIndex.build(k, cfg, kv_mask).select(q, N, 0.25)
-    alone = PQIndex.build(k[1:, :, pad:], cfg).select(q[1:], N - pad, 0.25)
+    batched = PQIndex.build(k, cfg, kv_mask).topk_tokens(q, N, 0.25)
+    alone = PQIndex.build(k[1:, :, pad:], cfg).topk_tokens(q[1:], N - pad, 0.25)
     got = batched[1].sort(-1).values
     want = alone[0].sort(-1).values
     assert torch.equal(torch.where(got >= 0, got - pad, -1), want)
@@ -195,8 +198,8 @@ def test_select_blocks_with_a_budget_below_one_block_selects_nothing():
     cfg = PQConfig(budget=40, sink_size=4, min_context=0, niter=2, selection="block", block_size=32)
     index = PQIndex.build(k, cfg)  # top-k of 18 tokens: no whole block fits
     q = torch.randn(1, 2, 1, 8)
-    assert index.select(q, 300, 0.3).shape == (1, 1, 0)
-    attend = index.plan(q, 0.3)[0, 0, 0]  # the sink and the recent window, nothing between
+    assert index.topk_tokens(q, 300, 0.3).shape == (1, 1, 0)
+    attend = selection_mask(index.plan(q, 300, 0.3), 300)[0, 0, 0]  # the sink and the recent window only
     want = torch.zeros(300, dtype=torch.bool)
     want[:4] = want[300 - int(index.recent[0]):] = True
     assert torch.equal(attend, want)
@@ -217,12 +220,12 @@ def test_streaming_budget_attends_sink_and_recent_only():
     index = PQIndex.build(k[:, :, :N - 1], PQConfig(budget=40, sink_size=4, min_context=0, recent_ratio=1.0),
                           capacity=C)
     assert index.k_max == 0 and not index.dense
-    index.store(k, torch.tensor(N))
+    index.append(k[:, :, N - 1:N], torch.tensor(N - 1))
     q = torch.randn(B, H, 1, D, generator=g)
     attend = torch.zeros(B, Hkv, 1, N, dtype=torch.bool)
     attend[..., :4] = attend[..., N - 36:] = True
     want = reference.masked_attention(q, k[:, :, :N], v[:, :, :N], attend, D ** -0.5)
-    torch.testing.assert_close(index.step(q, k, v, torch.tensor(N), D ** -0.5), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode(index, q, k, v, torch.tensor(N), D ** -0.5), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("G", [1, 3])
@@ -234,7 +237,7 @@ def test_exact_scorer_selects_the_true_top_k(G):
     index = PQIndex.build(k, PQConfig(budget=50, sink_size=4, min_context=0, scorer="exact"))
     assert index.quantizer is None and index.codes.shape == (B, Hkv, N, 0)
     q = torch.randn(B, Hkv * G, 1, D, generator=g)
-    got = index.select(q, N, 0.25, k)
+    got = index.topk_tokens(q, N, 0.25, k)
     lo, hi = int(index.sink[0]), N - int(index.recent[0])
     for b in range(B):
         for h in range(Hkv):
@@ -243,6 +246,6 @@ def test_exact_scorer_selects_the_true_top_k(G):
             want = set((mass.topk(int(index.topk[b])).indices + lo).tolist())
             assert set(got[b, h].tolist()) == want
     with pytest.raises(ValueError, match="the exact scorer needs the keys"):
-        index.select(q, N, 0.25)
+        index.topk_tokens(q, N, 0.25)
     with pytest.raises(ValueError, match="PQConfig.scorer='oracle'"):
         PQConfig(scorer="oracle")

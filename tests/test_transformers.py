@@ -14,7 +14,6 @@ import pqflex
 from pqflex import PQCache, PQConfig, PQIndex
 from pqflex import index as pq_index
 from pqflex.integrations import transformers as pq_tf
-from pqflex.ops import native
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=None, bos_token_id=None,
@@ -84,11 +83,7 @@ def test_budget_covering_context_is_token_identical_to_sdpa(arch):
 
 
 def _spy_plan():
-    """Counts the tokens each decode step attends per sequence and KV head.
-
-    Through the ops' path (its token list): the CPU's one-pass native step is switched off while spying
-    (tests/test_native.py checks that it equals this path).
-    """
+    """Counts the tokens each decode step attends per sequence and KV head (its token list)."""
     counts = []
     original = pq_index.decode_token_list
 
@@ -99,8 +94,7 @@ def _spy_plan():
 
     @contextlib.contextmanager
     def spy():
-        with (mock.patch.object(pq_index, "decode_token_list", token_list),
-              mock.patch.object(native, "usable", lambda *tensors: False)):
+        with mock.patch.object(pq_index, "decode_token_list", token_list):
             yield
 
     return counts, spy()

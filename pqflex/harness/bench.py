@@ -313,7 +313,7 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
     ``options``: further :class:`pqflex.PQConfig` settings of the pqcache methods (backend, selection, ...).
     ``tp``: tensor-parallel ranks; the step runs over one rank's heads.
     """
-    from pqflex import PQConfig, PQIndex
+    from pqflex import PQConfig, PQIndex, ResidentKV, attention_backend
 
     cfg = model_config(preset)
     Hkv, H = cfg.num_key_value_heads // tp, cfg.num_attention_heads // tp
@@ -333,9 +333,11 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
 
     torch._dynamo.reset()  # each call compiles a new closure of the same code object
 
-    def step():
-        index.store(k, n)
-        return index.step(q, k, v, n, scale)
+    kv = ResidentKV(k, v, attention_backend(pq))
+
+    def step():  # what PQLayer.step runs for a fixed-capacity cache: append, plan, attend
+        index.append(k.index_select(2, (n - 1).reshape(1)), n - 1)
+        return kv.attend(q, index.plan(q, n, scale), scale)
 
     return graph_time_us(torch.compile(step, fullgraph=True, dynamic=False))
 

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pqflex import CACHE_KWARG, PQCache, PQConfig, PQIndex, configure
-from pqflex.ops import native
+from pqflex import CACHE_KWARG, PQCache, PQConfig, PQIndex, ResidentKV, attention_backend, configure, kernel_path
 
 
 def _sync(device: torch.device) -> None:
@@ -156,8 +155,7 @@ def passkey_demo(length: int = 4096, budget: float | int = 0.1, depth: float = 0
         found = passkey_found(text, prompt.passkey)
         rows[label] = dict(answer=text, found=found, ms_per_token=step * 1e3, attention_ms_per_token=attn * 1e3)
         print(f"{label:16}{text[:34]!r:36}{'yes' if found else 'no':>6}{step * 1e3:10.1f}{attn * 1e3:11.1f}")
-    path = "native C kernels" if dev.type == "cpu" and native.library() is not None else (
-        "Triton kernels" if dev.type == "cuda" else "plain-torch reference (no C compiler)")
+    path = kernel_path(dev)
     print(f"(ms/token: median decode step; attention: its time inside the {model.config.num_hidden_layers} "
           f"attention layers, projections included{'' if dev.type == 'cpu' else ', CPU only'}; pqcache decodes "
           f"through the {path})")
@@ -186,14 +184,14 @@ def synthetic_demo(n_ctx: int = 8192, budget: float | int = 0.1, seed: int = 0, 
     t0 = time.perf_counter()
     index = PQIndex.build(key, config)
     t1 = time.perf_counter()
-    attend = index.plan(query, scale)  # [B, Hkv, 1, N]
-    out = index.attend(query, key, value, scale)
+    selection = index.plan(query, n_ctx, scale)  # the token list of each KV head
+    out = ResidentKV(key, value, attention_backend(config)).attend(query, selection, scale)
     t2 = time.perf_counter()
     dense = F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=True)
 
     b = config.resolve_budget(n_ctx)
     rel_err = ((out - dense).norm() / dense.norm()).item()
-    found = attend[0, :, 0, needle].tolist()
+    found = ((selection.tokens[0] == needle) & selection.valid[0]).any(-1).tolist()
     print(f"context {n_ctx} tokens, {Hkv} KV heads x {G} query heads, head dim {D}")
     print(f"config: M={config.M} nbits={config.nbits} budget={budget} -> sink {b.sink_size} + recent "
           f"{b.recent_size} + top-k {b.topk} = {b.total} tokens per KV head ({b.total / n_ctx:.1%})")

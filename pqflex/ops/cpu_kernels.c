@@ -1,10 +1,9 @@
 /* Native CPU kernels of pqflex's decode step (fp32), loaded through ctypes by pqflex/ops/native.py.
  *
- * Same math as pqflex/ops/reference.py, in one pass each instead of a chain of tensor ops:
+ * Same math as the plain-torch implementations, in one pass each instead of a chain of tensor ops:
  *   pq_select_f32          ADC scores from the codes, PQCache's GQA rule, exact top-k (ties to the later token)
  *   sparse_attention_f32   attention of the G query heads of a KV head over the listed rows, read by index
  *   pq_encode_f32          nearest centroid of each sub-vector (ties to the lowest index)
- *   decode_step_f32        a whole decode step of PQIndex: the new key's code, the table, pq_select, attention
  *   kmeans_step_f32        one Lloyd assignment of k-means: nearest centroid, per-cluster sums and counts
  * Strides are in elements; the last dimension of every tensor is contiguous. Indices are trusted (native.py checks
  * them). No allocation escapes a call and no state is kept, so calls from several threads are safe.
@@ -360,77 +359,6 @@ static int encode_one(const float *v, const float *centroids, int64_t M, int64_t
         code[m] = (uint8_t)arg;
     }
     return 0;
-}
-
-/* One pass over a KV head's centroids [M, ksub, dsub]: the table [G, M, ksub] of q_g . centroid for the G query
- * heads (rows qs apart), and the code of the new key v (as encode_one). Returns 1, leaving code unwritten, if v
- * holds a non-finite value. */
-static int table_and_code(const float *q, int64_t qs, const float *v, const float *centroids, int64_t G, int64_t M,
-                          int64_t ksub, int64_t dsub, float *table, uint8_t *code) {
-    int bad = 0;
-    for (int64_t d = 0; d < M * dsub; d++) bad |= !isfinite(v[d]);
-    for (int64_t m = 0; m < M; m++) {
-        const float *x = v + m * dsub;
-        float best = INFINITY;
-        int64_t arg = 0;
-        for (int64_t c = 0; c < ksub; c++) {
-            const float *cc = centroids + (m * ksub + c) * dsub;
-            for (int64_t g = 0; g < G; g++) table[(g * M + m) * ksub + c] = dot(q + g * qs + m * dsub, cc, dsub);
-            float d2 = 0.0f;
-            for (int64_t d = 0; d < dsub; d++) {
-                float e = x[d] - cc[d];
-                d2 += e * e;
-            }
-            if (d2 < best) {
-                best = d2;
-                arg = c;
-            }
-        }
-        if (!bad) code[m] = (uint8_t)arg;
-    }
-    return bad;
-}
-
-/* One decode step of the query at position n - 1, as PQIndex.step with the reference ops: per KV head the table
- * q_g . centroids, the top-k middle tokens of [start + sink, n - recent), then attention over the sink
- * [start, start + sink), the selected tokens (best first) and the recent window [max(n - recent, start + sink), n).
- * The newest key (row n - 1, always in the recent window) is encoded on the way, while its centroids are in the
- * cache, into new_codes [B, Hkv, M] (strides nsb, nsh).
- * query [B, H, D] strides (qsb, qsh); key/value as sparse_attention_f32; centroids [B, Hkv, M, ksub, dsub]
- * contiguous; codes [B, Hkv, >= n - 1, M] strides (csb, csh, csn); start, sink, recent, topk [B]; out [B, H, D].
- * Returns 0; 1 if the newest key holds a non-finite value (its code is left to the caller); -1 out of memory. */
-EXPORT int decode_step_f32(const float *query, int64_t qsb, int64_t qsh, const float *key, int64_t ksb, int64_t ksh,
-                           int64_t ksn, const float *value, int64_t vsb, int64_t vsh, int64_t vsn,
-                           const float *centroids, const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn,
-                           const int64_t *start, const int64_t *sink, const int64_t *recent, const int64_t *topk,
-                           int64_t B, int64_t Hkv, int64_t G, int64_t M, int64_t ksub, int64_t dsub, int64_t n,
-                           int64_t k_max, float scale, uint8_t *new_codes, int64_t nsb, int64_t nsh, float *out) {
-    int64_t D = M * dsub;
-    int rc = 0;
-    Scratch w;
-    if (scratch_alloc(&w, G, n, n, G * M * ksub)) return -1;
-    for (int64_t b = 0; b < B; b++) {
-        int64_t s0 = start[b], s1 = s0 + sink[b] < n ? s0 + sink[b] : n;
-        int64_t r0 = n - recent[b] > s1 ? n - recent[b] : s1;
-        int64_t count = r0 - s1 > 0 ? r0 - s1 : 0;
-        int64_t k = topk[b] < k_max ? topk[b] : k_max;
-        k = k > count ? count : (k < 0 ? 0 : k);
-        for (int64_t h = 0; h < Hkv; h++) {
-            const float *q = query + b * qsb + h * G * qsh, *kbh = key + b * ksb + h * ksh;
-            const float *cent = centroids + (b * Hkv + h) * M * ksub * dsub;
-            rc |= table_and_code(q, qsh, kbh + (n - 1) * ksn, cent, G, M, ksub, dsub, w.table,
-                                 new_codes + b * nsb + h * nsh);
-            int64_t len = 0;
-            for (int64_t p = s0; p < s1; p++) w.rows[len++] = p;
-            select_head(w.table, codes + b * csb + h * csh, csn, s1, count, k, G, M, ksub, scale, &w, w.rows + len);
-            len += k;
-            for (int64_t p = r0; p < n; p++) w.rows[len++] = p;
-            attend_head(q, qsh, kbh, ksn, value + b * vsb + h * vsh, vsn, w.rows, len, G, D, scale, w.logits,
-                        out + (b * Hkv + h) * G * D);
-        }
-    }
-    scratch_free(&w);
-    return rc;
 }
 
 /* x [L, N, M * dsub] with strides (xsl, xsn); centroids [L, M, ksub, dsub] contiguous; out [L, N, M] uint8.

@@ -35,10 +35,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sparse_attention_f32.restype = ctypes.c_int
     lib.sparse_attention_f32.argtypes = ([_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr,
                                           _ptr] + [_i64] * 5 + [_f32, _ptr])
-    lib.decode_step_f32.restype = ctypes.c_int
-    lib.decode_step_f32.argtypes = ([_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr,
-                                     _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr] + [_i64] * 8
-                                    + [_f32, _ptr, _i64, _i64, _ptr])
     lib.pq_encode_f32.restype = ctypes.c_int
     lib.pq_encode_f32.argtypes = [_ptr, _i64, _i64, _ptr] + [_i64] * 5 + [_ptr]
     lib.kmeans_step_f32.restype = ctypes.c_int
@@ -131,39 +127,6 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     if rc != 0:
         raise MemoryError(f"sparse_decode_attention: out of memory for {T} tokens")
     return out
-
-
-def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, centroids: torch.Tensor,
-                codes: torch.Tensor, start: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor, topk: torch.Tensor,
-                n: int, k_max: int, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One decode step of :class:`pqflex.PQIndex` (token selection, PQ scores) in one pass, fp32.
-
-    The same math as ``PQIndex.step`` through the ops: the table of ``q . centroids``, :func:`pq_select` over
-    ``[start + sink, n - recent)``, attention over sink + selected + recent; and the code of the newest key (row
-    ``n - 1``, never a candidate) as ``pq_encode`` gives it. ``query [B, H, 1, D]``, ``key``/``value [B, Hkv,
-    C >= n, D]``, ``centroids [B, Hkv, M, ksub, dsub]``, ``codes [B, Hkv, >= n - 1, M]``, ``start``/``sink``/
-    ``recent``/``topk`` ``[B]``.
-
-    Returns:
-        attention ``[B, H, 1, D]`` fp32 and the newest key's codes ``[B, Hkv, 1, M]`` uint8 (None if that key holds
-        a non-finite value: the reference's arithmetic decides its code).
-    """
-    B, H, _, D = query.shape
-    Hkv, M, ksub, dsub = centroids.shape[1:]
-    if not 1 <= n <= key.shape[2] or codes.shape[2] < n - 1:  # the C reads rows [0, n) unchecked
-        raise ValueError(f"decode_step: n={n} out of range for {key.shape[2]} cached rows and {codes.shape[2]} codes")
-    query, key, value, codes = _rowwise(query), _rowwise(key), _rowwise(value), _rowwise(codes)
-    centroids = centroids.contiguous()
-    start, sink, recent, topk = (t.to(torch.int64).contiguous() for t in (start, sink, recent, topk))
-    out = torch.empty(B, H, 1, D, dtype=torch.float32)
-    new = torch.empty(B, Hkv, 1, M, dtype=torch.uint8)
-    rc = library().decode_step_f32(_p(query), query.stride(0), query.stride(1), _p(key), *key.stride()[:3],
-                                   _p(value), *value.stride()[:3], _p(centroids), _p(codes), *codes.stride()[:3],
-                                   _p(start), _p(sink), _p(recent), _p(topk), B, Hkv, H // Hkv, M, ksub, dsub, n,
-                                   k_max, scale, _p(new), new.stride(0), new.stride(1), _p(out))
-    if rc < 0:
-        raise MemoryError(f"decode_step: out of memory for {n} tokens")
-    return out, None if rc else new
 
 
 def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,157 @@
+"""How a KV source attends: one object per attention backend, chosen once when a layer is built.
+
+A decode step's :class:`pqflex.index.Selection` lists, per sequence and KV head, the ``T`` tokens its one query
+attends (sink, selected, recent; a static width, ``-1``-free positions with a validity mask). A backend attends
+one query per sequence ``[B, H, 1, D]`` over the listed rows of ``key``/``value`` ``[B, Hkv, C, D]``:
+
+- :class:`FusedAttention` (``"fused"``, the default): ``torch.ops.pqflex.sparse_decode_attention`` reads the listed
+  rows straight from the cache by index (no copy): a split-T Triton kernel with a combine step on CUDA, the native
+  C kernel on the CPU (fp32), plain torch elsewhere.
+- :class:`GatherAttention` (``"gather"``): copy the listed keys and values into a compact ``[B, Hkv, T, D]`` buffer
+  and run SDPA with the ``G`` query heads of each KV head packed as query rows (what the original PQCache does).
+- :class:`FlexAttention` (``"flex"``): no copy; a token bitmap of the list drives FlexAttention through a
+  ``BlockMask`` built on the device (blocks holding a listed token, the bitmap as ``mask_mod``). Fast only under
+  ``torch.compile``; eager FlexAttention evaluates the mask over every token.
+
+All three are exact attention over the listed tokens (``tests/test_sparse.py`` checks them against the test
+oracle). :func:`masked_attention` and :func:`range_attention` serve what is not a token list: several queries with a
+mask each, and dense sequences (every token of ``[start, n)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pqflex.config import ATTENTION_BACKENDS, PQConfig
+from pqflex.ops import sparse_attention  # noqa: F401  (registers torch.ops.pqflex.sparse_decode_attention)
+
+FLEX_KV_BLOCK = 128  # FlexAttention KV block size of the sparse decode mask
+
+
+def _pack_query(query: torch.Tensor, Hkv: int) -> torch.Tensor:
+    B, H, S, D = query.shape
+    if S != 1:
+        raise ValueError(f"sparse decode attention takes one query per sequence, got S={S}")
+    return query.reshape(B, Hkv, H // Hkv, D)  # the G query heads of a KV head as query rows
+
+
+class FusedAttention:
+    """``"fused"``: :func:`torch.ops.pqflex.sparse_decode_attention` over the listed rows, read by index."""
+
+    name = "fused"
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: torch.Tensor,
+                 valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """Attention ``[B, H, 1, D]``; ``valid=None`` promises every listed token is real (no mask to read)."""
+        return torch.ops.pqflex.sparse_decode_attention(query, key, value, tokens, valid, scale)
+
+
+class GatherAttention:
+    """``"gather"``: a compact copy of the listed keys and values, then SDPA (unmasked when ``valid`` is None,
+    which lets SDPA take its fast decode kernels)."""
+
+    name = "gather"
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: torch.Tensor,
+                 valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+        B, Hkv, T = tokens.shape
+        D = key.shape[-1]
+        q = _pack_query(query, Hkv)  # checks S == 1
+        rows = tokens[..., None].expand(B, Hkv, T, D)
+        k, v = key.gather(2, rows), value.gather(2, rows)
+        if valid is None:
+            return F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, :, None, :], scale=scale)
+        return out.reshape(query.shape)
+
+
+def flex_block_mask(tokens: torch.Tensor, valid: torch.Tensor, n_queries: int, kv_len: int,
+                    kv_block: int = FLEX_KV_BLOCK):
+    """A FlexAttention ``BlockMask`` (one mask head per KV head) of the listed tokens ``[B, Hkv, T]`` of each KV
+    head. The ``mask_mod`` reads a token bitmap of the list, so eager and compiled FlexAttention agree."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, Hkv, _ = tokens.shape
+    nblk = -(-kv_len // kv_block)
+    hits = torch.zeros(B, Hkv, nblk * kv_block, dtype=torch.int32, device=tokens.device)
+    bitmap = hits.scatter_add_(-1, tokens, valid.int()) > 0  # [B, Hkv, nblk * kv_block]
+    blocks = bitmap.view(B, Hkv, nblk, kv_block).any(-1)  # [B, Hkv, nblk]
+    num = blocks.sum(-1, dtype=torch.int32)[:, :, None]  # [B, Hkv, 1]
+    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    indices = order.to(torch.int32)[:, :, None, :]  # [B, Hkv, 1, nblk]: listed blocks first, in order
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return bitmap[b, h, kv_idx]
+
+    return BlockMask.from_kv_blocks(num, indices, torch.zeros_like(num), torch.zeros_like(indices),
+                                    BLOCK_SIZE=(128, kv_block), mask_mod=mask_mod,
+                                    seq_lengths=(n_queries, kv_len), compute_q_blocks=False)
+
+
+class FlexAttention:
+    """``"flex"``: FlexAttention with a block mask of the list (no copy). ``kv_block``: its KV block size (the
+    selection's block size for block selection, so that whole unselected blocks are skipped)."""
+
+    name = "flex"
+
+    def __init__(self, kv_block: int = FLEX_KV_BLOCK) -> None:
+        self.kv_block = kv_block
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: torch.Tensor,
+                 valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        Hkv, L = key.shape[1], key.shape[2]
+        q = _pack_query(query, Hkv)
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+        mask = flex_block_mask(tokens, valid, q.shape[2], L, self.kv_block)
+        return flex_attention(q, key, value, block_mask=mask, scale=scale).reshape(query.shape)
+
+
+def attention_backend(config: PQConfig) -> FusedAttention | GatherAttention | FlexAttention:
+    """The backend object of ``config.backend`` (flex's KV block follows a block selection of multiples of 16)."""
+    if config.backend == "fused":
+        return FusedAttention()
+    if config.backend == "gather":
+        return GatherAttention()
+    if config.backend == "flex":
+        block = config.block_size
+        return FlexAttention(block if config.selection == "block" and block % 16 == 0 else FLEX_KV_BLOCK)
+    raise ValueError(f"sparse attention backend {config.backend!r} is not supported; allowed: {ATTENTION_BACKENDS}")
+
+
+def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attend: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Exact attention ``[B, H, S, D]`` of each query ``[B, H, S, D]`` over the tokens ``attend`` ``[B, Hkv, S, N]``
+    marks in ``key``/``value`` ``[B, Hkv, N, D]``, per KV head; rows that attend nothing are zero."""
+    G = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(G, dim=1)  # [B, H, N, D]
+    v = value.repeat_interleave(G, dim=1)
+    mask = attend.repeat_interleave(G, dim=1)  # [B, H, S, N]
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
+    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def range_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor,
+                    n: torch.Tensor | int, scale: float) -> torch.Tensor:
+    """Dense attention ``[B, H, 1, D]`` of one query per sequence over its tokens ``[start, n)`` of ``key``/``value``
+    ``[B, Hkv, C, D]`` (``start`` ``[B]``): masked SDPA over the whole buffer, static shapes."""
+    B, H, _, D = query.shape
+    C, Hkv = key.shape[-2], key.shape[1]
+    pos = torch.arange(C, device=key.device)
+    valid = (pos >= start[:, None]) & (pos < n)  # [B, C]
+    q = query.reshape(B, Hkv, H // Hkv, D)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.reshape(query.shape)
+
+
+def kernel_path(device: torch.device | str) -> str:
+    """Which implementation the decode ops run on ``device``: ``"Triton kernels"`` (CUDA), ``"native C kernels"``
+    (the CPU, fp32, when the native library loads) or ``"plain torch"``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "Triton kernels"
+    from pqflex.ops import native
+
+    return "native C kernels" if device.type == "cpu" and native.library() is not None else "plain torch"
