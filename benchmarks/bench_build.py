@@ -48,17 +48,34 @@ def profile(keys: list[torch.Tensor], config: PQConfig, rows: int = 12) -> str:
 
 
 def kernel_tiles(keys: list[torch.Tensor], repeats: int) -> list[dict]:
-    """The default build with other tiles of the k-means step kernel (points per tile x warps)."""
-    from pqflex.ops import kmeans
+    """The default build's k-means (every layer's training keys, one batched call) with other tiles of the step
+    kernel (points per tile x warps x programs per problem)."""
+    from pqflex.ops.kmeans import kmeans_triton
 
-    saved, rows = (kmeans._BLOCK_N, kmeans._NUM_WARPS, kmeans._PROGRAMS_PER_PROBLEM), []
+    config = PQConfig()
+    samples = [PQIndex.training_keys(k, config) for k in keys]
+    dsub = keys[0].shape[-1] // config.M
+    x = torch.stack([s[0] for s in samples])  # [L, B, Hkv, T, D] -> problems of dsub dims per sub-space
+    mask = torch.stack([s[1] for s in samples])
+    T = x.shape[-2]
+    x = x.reshape(-1, T, config.M, dsub).transpose(1, 2).reshape(-1, T, dsub)
+    mask = mask.reshape(-1, 1, T).expand(-1, config.M, T).reshape(-1, T)
+    rows = []
     for block, warps, programs in [(128, 4, 16), (32, 4, 16), (32, 2, 16), (16, 4, 16), (16, 2, 16), (32, 4, 64)]:
-        kmeans._BLOCK_N, kmeans._NUM_WARPS, kmeans._PROGRAMS_PER_PROBLEM = block, warps, programs
-        PQIndex.build_layers(keys, PQConfig())  # JIT of this tile
-        s = build_seconds(keys, PQConfig(), repeats)
-        rows.append(dict(block_n=block, num_warps=warps, programs=programs, seconds=s))
+        def run():
+            kmeans_triton(x, mask, config.ksub, config.niter, config.seed, config.tol, block_n=block,
+                          num_warps=warps, programs_per_problem=programs)
+            torch.cuda.synchronize()
+
+        run()  # JIT of this tile
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        s = statistics.median(times)
+        rows.append(dict(block_n=block, num_warps=warps, programs=programs, kmeans_seconds=s))
         print(f"| tile {block} points, {warps} warps, {programs} programs/problem | {s * 1e3:.1f} ms |", flush=True)
-    kmeans._BLOCK_N, kmeans._NUM_WARPS, kmeans._PROGRAMS_PER_PROBLEM = saved
     return rows
 
 

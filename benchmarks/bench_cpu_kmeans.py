@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from pqflex.ops import native, reference
+from pqflex.ops import native, portable
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
         threads = max(int(t) for t in args.threads.split(","))
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        reference.kmeans(x, None, 256, args.niter, 0)
+        portable.kmeans(x, None, 256, args.niter, 0)
         print(f"torch reference, {threads} threads: {time.perf_counter() - t0:.3f} s")
 
 

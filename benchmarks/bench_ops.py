@@ -19,7 +19,7 @@ import triton
 import transformers
 
 from pqflex.harness.bench import graph_time_us
-from pqflex.ops import reference
+from pqflex.ops import portable
 from pqflex.ops.kmeans import kmeans_triton
 from pqflex.ops.pq_select import pq_select_cells
 from pqflex.quantizer import ProductQuantizer
@@ -35,7 +35,7 @@ def eager_time_us(fn) -> float:
 
 def torch_select(ip_table, codes, lo, hi, k):
     """Plain torch: ADC scores, per-head softmax over the candidates, group sum, torch.topk."""
-    scores = reference.adc_scores(ip_table, codes) * SCALE  # [B, Hkv, G, N]
+    scores = portable.adc_scores(ip_table, codes) * SCALE  # [B, Hkv, G, N]
     pos = torch.arange(codes.shape[2], device=codes.device)
     cand = (pos >= lo[:, None, None, None]) & (pos < hi[:, None, None, None])
     probs = torch.softmax(scores.masked_fill(~cand, float("-inf")), dim=-1).sum(2)  # [B, Hkv, N]
@@ -44,10 +44,10 @@ def torch_select(ip_table, codes, lo, hi, k):
 
 def check_selection(out, ref, ip_table, codes, lo, hi):
     """Same number selected and the same multiset of scores as the reference (ties aside)."""
-    scores = reference.adc_scores(ip_table, codes)[:, :, :, None] * SCALE
+    scores = portable.adc_scores(ip_table, codes)[:, :, :, None] * SCALE
     pos = torch.arange(codes.shape[2], device=codes.device)
     cand = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None]
-    agg = reference.gqa_scores(scores, cand)[:, :, 0]  # [B, Hkv, N]
+    agg = portable.gqa_scores(scores, cand)[:, :, 0]  # [B, Hkv, N]
     for row_out, row_ref, row_s in zip(out.flatten(0, 1), ref.flatten(0, 1), agg.flatten(0, 1)):
         a, b = row_out[row_out >= 0].long(), row_ref[row_ref >= 0].long()
         assert a.numel() == b.numel() and a.unique().numel() == a.numel()
@@ -67,7 +67,7 @@ def bench_select(n: int, frac: float, gen: torch.Generator) -> dict:
     topk = torch.full((B,), k, device=dev)
 
     out = torch.ops.pqflex.pq_select(ip_table, codes, lo, hi, topk, k, SCALE)
-    check_selection(out, reference.pq_select(ip_table, codes, lo, hi, topk, k, SCALE), ip_table, codes, lo, hi)
+    check_selection(out, portable.pq_select(ip_table, codes, lo, hi, topk, k, SCALE), ip_table, codes, lo, hi)
 
     def fast():
         torch.ops.pqflex.pq_select(ip_table, codes, lo, hi, topk, k, SCALE)
@@ -114,8 +114,8 @@ def bench_index_build(n: int, gen: torch.Generator, layers: int = 32, niter: int
     sub_mask = mask[0][:, None].expand(HKV, M, n).reshape(HKV * M, n)
     errors = {}
     for name, c in (("triton", kmeans_triton(sub, sub_mask, 1 << NBITS, niter)),
-                    ("reference", reference.kmeans(sub, sub_mask, 1 << NBITS, niter))):
-        assign = reference.encode(sub, c)
+                    ("reference", portable.kmeans(sub, sub_mask, 1 << NBITS, niter))):
+        assign = portable.encode(sub, c)
         recon = torch.gather(c, 1, assign[..., None].expand(-1, -1, D // M))
         errors[name] = ((sub - recon).pow(2).sum(-1) * sub_mask).sum().item() / sub_mask.sum().item()
     total = per_layer_s * layers

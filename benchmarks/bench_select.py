@@ -23,7 +23,7 @@ import triton
 
 from benchmarks.bench_ops import torch_select
 from benchmarks.bench_sparse_attention import kernel_breakdown
-from pqflex.ops import reference
+from pqflex.ops import portable
 from pqflex.ops.pq_select import pq_select_cells, pq_select_radix, use_cells
 from pqflex.quantizer import ProductQuantizer
 
@@ -67,11 +67,11 @@ def graph_us(fn, budget_ms: float = 3.0, replays: int = 25) -> float:
 def check_selection(out, args):
     """Same number selected per row and the same multiset of reference scores as the reference (ties aside)."""
     ip_table, codes, lo, hi, topk, k_max, scale = args
-    ref = reference.pq_select(*args)
-    scores = reference.adc_scores(ip_table, codes)[:, :, :, None] * scale
+    ref = portable.pq_select(*args)
+    scores = portable.adc_scores(ip_table, codes)[:, :, :, None] * scale
     pos = torch.arange(codes.shape[2], device=codes.device)
     cand = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None]
-    agg = reference.gqa_scores(scores, cand)[:, :, 0]  # [B, Hkv, N]
+    agg = portable.gqa_scores(scores, cand)[:, :, 0]  # [B, Hkv, N]
     assert torch.equal((out >= 0).sum(-1), (ref >= 0).sum(-1))
     for row_out, row_ref, row_s in zip(out.flatten(0, 1), ref.flatten(0, 1), agg.flatten(0, 1)):
         a, b = row_out[row_out >= 0].long(), row_ref[row_ref >= 0].long()
@@ -91,10 +91,10 @@ def bucket_sizes(args) -> dict:
     """Mean sizes per row of the radix lists (from the reference's scores): tokens in the k-th key's 12-bit
     bucket (list 1), in its 24-bit bucket (list 2), and tied with it."""
     ip_table, codes, lo, hi, topk, k_max, scale = args
-    scores = reference.adc_scores(ip_table, codes)[:, :, :, None] * scale
+    scores = portable.adc_scores(ip_table, codes)[:, :, :, None] * scale
     pos = torch.arange(codes.shape[2], device=codes.device)
     cand = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None]
-    agg = reference.gqa_scores(scores, cand)[:, :, 0]  # [B, Hkv, N], -1 outside
+    agg = portable.gqa_scores(scores, cand)[:, :, 0]  # [B, Hkv, N], -1 outside
     key = agg.clamp(min=0).view(torch.int32).masked_fill(agg < 0, -1)
     kth = key.topk(k_max, dim=-1).values[..., -1:]  # [B, Hkv, 1]
     sizes = {}

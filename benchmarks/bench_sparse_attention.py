@@ -4,7 +4,7 @@ First runs the gpu tests of the op, then times, for the Llama-3.1-8B attention s
 B in {1, 8} and cache length C in {32768, 131072} with T = C // 10 listed tokens (random distinct positions):
 
 - ``op``: the new op (valid=None), and ``op+mask`` with an all-True ``valid``;
-- ``gather``: :func:`pqflex.sparse.gather_attention` (copy the listed rows, then SDPA; valid=None);
+- ``gather``: :class:`pqflex.ops.backends.GatherAttention` (copy the listed rows, then SDPA; valid=None);
 - ``sdpa``: dense ``F.scaled_dot_product_attention`` over the whole cache (``enable_gqa``);
 - ``select``: :func:`pqflex.ops.pq_select.pq_select_triton` at the same shape (M=2, nbits=6, random codes), so
   that select + attend can be read against the issue's target;
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 import triton
 
 from pqflex.harness.bench import graph_time_us
-from pqflex.ops import reference
+from pqflex.ops import portable
 from pqflex.ops.pq_select import pq_select_triton
-from pqflex.ops.sparse_attention import _split_tokens, sparse_decode_attention_triton
-from pqflex.sparse import gather_attention
+from pqflex.ops.sparse_attention import sparse_decode_attention_triton, tokens_per_split
+from pqflex.ops.backends import GatherAttention
 
 HKV, G, D, DTYPE = 8, 4, 128, torch.bfloat16
 SCALE = D ** -0.5
@@ -109,11 +109,11 @@ def bench_shape(B: int, C: int, tbps: float | None, sweep: bool) -> tuple[list[d
 
     # Correctness first: the 2x rule against the fp32 reference, on the first list.
     idx = lists[0]
-    ref32 = reference.sparse_decode_attention(query.float(), key.float(), value.float(), idx, None, SCALE)
-    ref_lp = reference.sparse_decode_attention(query, key, value, idx, None, SCALE)
+    ref32 = portable.sparse_decode_attention(query.float(), key.float(), value.float(), idx, None, SCALE)
+    ref_lp = portable.sparse_decode_attention(query, key, value, idx, None, SCALE)
     out = torch.ops.pqflex.sparse_decode_attention(query, key, value, idx, None, SCALE)
     out_mask = torch.ops.pqflex.sparse_decode_attention(query, key, value, idx, all_valid, SCALE)
-    out_gather = gather_attention(query, key, value, idx, None, SCALE)
+    out_gather = GatherAttention()(query, key, value, idx, None, SCALE)
     e_lp = err(ref_lp, ref32)
     errors = {"op": err(out, ref32), "op+mask": err(out_mask, ref32), "gather": err(out_gather, ref32)}
     for name, e in errors.items():
@@ -130,10 +130,10 @@ def bench_shape(B: int, C: int, tbps: float | None, sweep: bool) -> tuple[list[d
     op = torch.ops.pqflex.sparse_decode_attention
     rows = [
         row("op", graph_time_us(rotating([lambda i=i: op(query, key, value, i, None, SCALE) for i in lists])),
-            err=errors["op"], splits=triton.cdiv(T, _split_tokens(T, B * HKV, 64, key.device))),
+            err=errors["op"], splits=triton.cdiv(T, tokens_per_split(T, B * HKV, 64, key.device))),
         row("op+mask", graph_time_us(rotating([lambda i=i: op(query, key, value, i, all_valid, SCALE)
                                                for i in lists])), err=errors["op+mask"]),
-        row("gather", graph_time_us(rotating([lambda i=i: gather_attention(query, key, value, i, None, SCALE)
+        row("gather", graph_time_us(rotating([lambda i=i: GatherAttention()(query, key, value, i, None, SCALE)
                                               for i in lists])), err=errors["gather"]),
         row("sdpa", graph_time_us(lambda: F.scaled_dot_product_attention(query, key, value, scale=SCALE,
                                                                          enable_gqa=True)), nbytes=dense_bytes),

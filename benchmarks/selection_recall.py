@@ -18,7 +18,7 @@ Per layer and KV head:
 
 - ``recall = |PQ set & exact set| / |exact set|``;
 - ``mass = mass(PQ set) / mass(exact set)``, where a token's mass is its GQA-summed exact softmax over the middle
-  tokens (:func:`pqflex.ops.reference.gqa_scores` of the exact scores): the share of the attention the oracle
+  tokens (:func:`pqflex.ops.portable.gqa_scores` of the exact scores): the share of the attention the oracle
   captures that PQ captures too. ``exact_share = mass(exact set) / G`` is that attention's share of the middle.
 
 The layers of a prompt are indexed as one batch (``B`` = layers; k-means and top-k are per row, so this equals
@@ -50,7 +50,7 @@ from transformers.masking_utils import sdpa_mask
 from pqflex import CACHE_KWARG, PQConfig, PQIndex
 from pqflex.harness.models import load_default_model
 from pqflex.harness.suite import make_sample
-from pqflex.ops import reference
+from pqflex.ops import portable
 
 FRONTIER = [(M, nbits) for M in (2, 4, 8, 16) for nbits in (4, 6, 8)]
 PROBE = "pqflex_selection_recall_probe"
@@ -121,7 +121,7 @@ def selection_scores(keys: torch.Tensor, queries: torch.Tensor, config: PQConfig
         candidates = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, :]  # [l, 1, N]
         g = q.reshape(q.shape[0], Hkv, G, D)  # [l, Hkv, G, D]
         scores = exact.scores(g, scale, k)  # [l, Hkv, G, N]
-        probs.append(reference.gqa_scores(scores[:, :, :, None], candidates)[:, :, 0].clamp(min=0))  # [l, Hkv, N]
+        probs.append(portable.gqa_scores(scores[:, :, :, None], candidates)[:, :, 0].clamp(min=0))  # [l, Hkv, N]
     pq_sel, exact_sel, probs = torch.cat(pq_sel), torch.cat(exact_sel), torch.cat(probs)
 
     def member(sel: torch.Tensor) -> torch.Tensor:  # [L, Hkv, N] bool, True for the selected tokens

@@ -20,9 +20,9 @@ _EXPORTS = {
     "PQIndex": "pqflex.index", "Selection": "pqflex.index",
     "attention_backend": "pqflex.ops.backends", "kernel_path": "pqflex.ops.backends",
     "DecodeGraph": "pqflex.integrations.graphs",
-    "CACHE_KWARG": "pqflex.integrations.transformers", "PQCache": "pqflex.integrations.transformers",
-    "PQStaticCache": "pqflex.integrations.transformers", "configure": "pqflex.integrations.transformers",
-    "get_config": "pqflex.integrations.transformers", "tp_inference": "pqflex.integrations.transformers",
+    "CACHE_KWARG": "pqflex.integrations.caches", "PQCache": "pqflex.integrations.caches",
+    "PQStaticCache": "pqflex.integrations.caches", "configure": "pqflex.integrations.model",
+    "get_config": "pqflex.integrations.model", "tp_inference": "pqflex.integrations.tensor_parallel",
     "OffloadedKV": "pqflex.kvstore", "ResidentKV": "pqflex.kvstore",
     "PQCacheState": "pqflex.layer", "PQLayer": "pqflex.layer",
     "ProductQuantizer": "pqflex.quantizer",
@@ -44,7 +44,7 @@ def __dir__() -> list[str]:
 
 
 _TRIGGER = "transformers.modeling_utils"  # defines AttentionInterface: registering needs it loaded
-_GLUE = "pqflex.integrations.transformers"  # registers "pqcache" when imported
+_GLUE = "pqflex.integrations.attention"  # registers "pqcache" when imported
 
 
 class _RegisterWithTransformers:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pqflex.config import PQConfig
-from pqflex.ops import reference
+from pqflex.ops import portable
 from pqflex.ops.pq_select import pq_select
 from pqflex.quantizer import ProductQuantizer
 
@@ -82,7 +82,7 @@ def select_blocks(scores: torch.Tensor, start: torch.Tensor, lo: torch.Tensor, h
     Blocks are aligned to each sequence's first token: ``[start + j * block, start + (j + 1) * block)``, so a
     sequence selects the same tokens whatever its left padding (a padded batch equals its rows alone). A block is
     a candidate when all of its tokens lie in ``[lo, hi)``. A block's mass is the sum over its tokens of the
-    GQA-aggregated softmax of the scores (:func:`pqflex.ops.reference.gqa_scores` over the candidate tokens), so
+    GQA-aggregated softmax of the scores (:func:`pqflex.ops.portable.gqa_scores` over the candidate tokens), so
     the chosen blocks carry the most approximate attention among whole blocks. Plain torch: a few fused kernels
     under ``torch.compile``.
 
@@ -102,7 +102,7 @@ def select_blocks(scores: torch.Tensor, start: torch.Tensor, lo: torch.Tensor, h
         return torch.full((B, Hkv, slots * block), -1, dtype=torch.int32, device=scores.device)
     pos = torch.arange(N, device=scores.device)
     candidates = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, :]  # [B, 1, N]
-    probs = reference.gqa_scores(scores[:, :, :, None], candidates)[:, :, 0].clamp(min=0)  # [B, Hkv, N]
+    probs = portable.gqa_scores(scores[:, :, :, None], candidates)[:, :, 0].clamp(min=0)  # [B, Hkv, N]
     blk = ((pos[None, :] - start[:, None]).clamp(min=0) // block).clamp(max=nblk - 1)  # [B, N] each token's block
     mass = probs.new_zeros(B, Hkv, nblk).scatter_add_(-1, blk[:, None, :].expand(B, Hkv, N), probs)
     first = start[:, None] + torch.arange(nblk, device=scores.device) * block  # [B, nblk]
@@ -360,8 +360,8 @@ class PQIndex:
                 raise ValueError("the exact scorer needs the keys: pass key")
             k = key[:, :, :self.num_tokens]
             return torch.einsum("bhrd,bhnd->bhrn", query.float(), k.float()) * scale
-        ip_table = reference.compute_ip_table(query, self.quantizer.centroids)  # [B, Hkv, R, M, ksub]
-        return reference.adc_scores(ip_table, self.codes) * scale
+        ip_table = portable.compute_ip_table(query, self.quantizer.centroids)  # [B, Hkv, R, M, ksub]
+        return portable.adc_scores(ip_table, self.codes) * scale
 
     def topk_tokens(self, query: torch.Tensor, n: torch.Tensor | int, scale: float,
                     key: torch.Tensor | None = None) -> torch.Tensor:
@@ -380,8 +380,8 @@ class PQIndex:
             return select_blocks(self.scores(q, scale, key), self.start, lo, hi, self.topk, self.k_max,
                                  self.config.block_size)
         if self.quantizer is None:
-            return reference.select_from_scores(self.scores(q, scale, key), lo, hi, self.topk, self.k_max)
-        ip_table = reference.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G, M, ksub]
+            return portable.select_from_scores(self.scores(q, scale, key), lo, hi, self.topk, self.k_max)
+        ip_table = portable.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G, M, ksub]
         return pq_select(ip_table, self.codes, lo, hi, self.topk, self.k_max, scale)
 
 
@@ -432,8 +432,8 @@ class PQIndex:
             q = query.reshape(B, Hkv, G * S, D)  # [B, Hkv, G * S, D]
             candidates = valid & ~sink & ~recent  # [B, S, N]
             scores = self.scores(q, scale, key)[..., :N].view(B, Hkv, G, S, N)
-            agg = reference.gqa_scores(scores, candidates)  # [B, Hkv, S, N]
-            indices, ok = reference.select_topk(agg, self.topk, self.k_max)  # [B, Hkv, S, k_max]
+            agg = portable.gqa_scores(scores, candidates)  # [B, Hkv, S, N]
+            indices, ok = portable.select_topk(agg, self.topk, self.k_max)  # [B, Hkv, S, k_max]
         selected = torch.zeros(B, Hkv, S, N, dtype=torch.int32, device=query.device)
         selected = selected.scatter_add_(-1, indices, ok.int()) > 0
         return (sink | recent)[:, None] | selected

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pqflex.ops import kmeans, reference  # noqa: F401  (kmeans registers torch.ops.pqflex.kmeans)
+from pqflex.ops import kmeans, portable  # noqa: F401  (kmeans registers torch.ops.pqflex.kmeans)
 from pqflex.ops import native
 from pqflex.ops.pq_encode import encodes_natively, pq_encode
 
@@ -71,7 +71,7 @@ class ProductQuantizer:
             x: training vectors ``[..., N, dim]``.
             mask: ``[..., N]`` bool, True for the vectors to train on; None trains on all. Vectors with a NaN or
                 infinite value never train.
-            niter, seed, tol: see :func:`pqflex.ops.reference.kmeans`.
+            niter, seed, tol: see :func:`pqflex.ops.portable.kmeans`.
 
         Returns:
             self, with ``centroids`` ``[..., M, ksub, dsub]`` on ``x.device``.
@@ -120,8 +120,8 @@ class ProductQuantizer:
     def compute_ip_table(self, query: torch.Tensor) -> torch.Tensor:
         """``ip_table [..., S, M, ksub]`` (fp32) of queries ``[..., S, dim]``."""
         self._check(query, "query")
-        return reference.compute_ip_table(query, self._require_trained(query.shape[:-2]))
+        return portable.compute_ip_table(query, self._require_trained(query.shape[:-2]))
 
     def adc_scores(self, query: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Approximate ``q . k`` ``[..., S, N]`` (fp32) of queries ``[..., S, dim]`` against codes ``[..., N, M]``."""
-        return reference.adc_scores(self.compute_ip_table(query), codes)
+        return portable.adc_scores(self.compute_ip_table(query), codes)

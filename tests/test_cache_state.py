@@ -19,6 +19,11 @@ def _cache(out):
     return out.past_key_values
 
 
+def runtimes(cache):
+    """The layer runtimes of a pqflex cache or of an adopted DynamicCache, by layer index."""
+    return [cache.pq_state.layers[i] for i in sorted(cache.pq_state.layers)]
+
+
 def _steps(model, cache, tokens):
     """Logits of one decode step per token column of ``tokens`` ``[B, T]``, through ``cache``."""
     logits = []
@@ -45,7 +50,7 @@ def test_interleaved_requests_keep_their_own_state():
         got2.append(_steps(pq, c2, t2[:, t:t + 1]))
     assert torch.equal(torch.cat(got1, 1), want1)
     assert torch.equal(torch.cat(got2, 1), want2)
-    assert isinstance(c1, PQCache) and c1.pq_layers[0].index is not c2.pq_layers[0].index
+    assert c1.pq_state.layers[0].index is not c2.pq_state.layers[0].index  # each adopted cache its own state
 
 
 def test_threads_generating_on_one_model():
@@ -94,7 +99,7 @@ def test_beam_reorder_carries_the_codes(own_cache):
     _steps(pq, fresh, t1[beams])
     want = _steps(pq, fresh, t2)
     assert torch.equal(got, want)
-    for a, b in zip(cache.pq_layers, fresh.pq_layers):
+    for a, b in zip(runtimes(cache), runtimes(fresh)):
         assert torch.equal(a.index.codes, b.index.codes)
 
 

@@ -146,7 +146,7 @@ class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
 def test_the_eager_decode_step_reads_nothing_back_while_a_graph_is_captured(which, monkeypatch):
     """What DecodeGraph(compile=False) captures on CUDA: the eager step, checked on the CPU with the C kernels (a CPU
     fast path that reads the position) off and a capture simulated."""
-    from pqflex.integrations import transformers as glue
+    from pqflex.integrations import caches as glue
     from pqflex.ops import native
 
     monkeypatch.setattr(native, "usable", lambda *tensors: False)

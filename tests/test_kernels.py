@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pqflex.ops import reference
+from pqflex.ops import portable
 from pqflex.ops.kmeans import kmeans, kmeans_triton
 from pqflex.ops.pq_encode import pq_encode, pq_encode_triton
 from tests.helpers import clustered_keys
@@ -22,7 +22,7 @@ def sub_distance(x, centroids, codes):
 
 
 def assert_codes_match(x, centroids, out):
-    ref = reference.pq_encode(x, centroids)
+    ref = portable.pq_encode(x, centroids)
     assert out.shape == ref.shape and out.dtype == torch.uint8
     # Equal codes, except where two centroids are equally near up to float rounding.
     d_out, d_ref = sub_distance(x, centroids, out), sub_distance(x, centroids, ref)
@@ -45,7 +45,7 @@ def test_encode_matches_reference(L, N, M, nbits, dsub, dtype):
 
 def test_encode_op_and_validation():
     x, c = torch.randn(2, 40, 64), torch.randn(2, 2, 64, 32)
-    assert torch.equal(pq_encode(x, c), reference.pq_encode(x, c))
+    assert torch.equal(pq_encode(x, c), portable.pq_encode(x, c))
     with pytest.raises(ValueError, match="does not match centroids"):
         pq_encode(x[:, :, :60], c)
     with pytest.raises(TypeError, match="floating point"):
@@ -60,16 +60,16 @@ def test_kmeans_triton_matches_reference_quality(L, N, ksub, dsub, masked):
     x = clustered_keys(1, L, N, dsub, n_clusters=ksub // 2, generator=g)[0].to(DEVICE)
     mask = (torch.rand(L, N, generator=g) > 0.2).to(DEVICE) if masked else None
     fast = kmeans_triton(x, mask, ksub, niter=8, seed=3)
-    ref = reference.kmeans(x, mask, ksub, niter=8, seed=3)
+    ref = portable.kmeans(x, mask, ksub, niter=8, seed=3)
     assert fast.shape == ref.shape == (L, ksub, dsub)
     w = torch.ones(L, N, device=DEVICE) if mask is None else mask.float()
 
     def error(c):
-        codes = reference.encode(x, c)
+        codes = portable.encode(x, c)
         return ((x - torch.gather(c, 1, codes[..., None].expand(L, N, dsub))).pow(2).sum(-1) * w).sum()
 
     assert error(fast) <= error(ref) * 1.01
-    counts = torch.stack([torch.bincount(reference.encode(x, fast)[i][w[i] > 0], minlength=ksub) for i in range(L)])
+    counts = torch.stack([torch.bincount(portable.encode(x, fast)[i][w[i] > 0], minlength=ksub) for i in range(L)])
     assert (counts > 0).all(), "a dead cluster"
     assert torch.equal(fast, kmeans_triton(x, mask, ksub, niter=8, seed=3)), "not deterministic"
 
@@ -84,7 +84,7 @@ def test_native_kmeans_matches_reference(L, N, ksub, dsub, masked):
     g = torch.Generator().manual_seed(N)
     x = clustered_keys(1, L, N, dsub, n_clusters=ksub // 2, generator=g)[0]
     mask = torch.rand(L, N, generator=g) > 0.2 if masked else None
-    ref = reference.kmeans(x, mask, ksub, niter=8, seed=3)
+    ref = portable.kmeans(x, mask, ksub, niter=8, seed=3)
     fast = native.kmeans(x, mask, ksub, niter=8, seed=3, threads=1)
     # The same Lloyd loop; only the distances' float rounding differs (a near-tie may go to the other centroid).
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
@@ -106,12 +106,12 @@ def test_native_kmeans_step_is_the_reference_step(monkeypatch):
         captured["out"] = step(c)
         return c
 
-    monkeypatch.setattr(reference, "lloyd", capture)  # native.kmeans calls reference.lloyd through the module
+    monkeypatch.setattr(portable, "lloyd", capture)  # native.kmeans calls portable.lloyd through the module
     native.kmeans(x, w > 0, 64, 1, threads=2)
     sums, counts, dist = captured["out"]
     xf = x * w[..., None]
-    assign, partial = reference.nearest(xf, c)
-    want_sums, want_counts = reference._cluster_sums(xf, w, assign, 64)
+    assign, partial = portable.nearest(xf, c)
+    want_sums, want_counts = portable._cluster_sums(xf, w, assign, 64)
     torch.testing.assert_close(sums, want_sums, atol=1e-5, rtol=1e-5)
     assert torch.equal(counts, want_counts)
     valid = w > 0

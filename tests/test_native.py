@@ -10,7 +10,7 @@ import torch
 from pqflex import PQConfig
 from pqflex.index import PQIndex
 from pqflex.layer import PQLayer
-from pqflex.ops import native, reference
+from pqflex.ops import native, portable
 from tests.helpers import clustered_keys, decode
 from tests.test_pq_select import agg_scores, check, make_inputs
 from tests.test_sparse_attention import make_inputs as attention_inputs
@@ -147,7 +147,7 @@ def test_pq_select_matches_reference(B, Hkv, G, M, nbits, N, frac):
 def test_pq_select_exact_ties_go_to_the_later_token(distinct):
     """Few distinct codes: exact ties everywhere, broken like the reference (later token first)."""
     args = make_inputs(3, 2, 4, 4, 6, 700, 0.3, distinct=distinct, device="cpu")
-    assert torch.equal(native.pq_select(*args), reference.pq_select(*args))
+    assert torch.equal(native.pq_select(*args), portable.pq_select(*args))
 
 
 @needs_native
@@ -155,7 +155,7 @@ def test_pq_select_edge_rows_and_integer_scores_equal_the_reference_exactly():
     """topk 0, topk above the candidates, no candidates; integer tables: no near-ties, so equal to the slot."""
     args = make_inputs(3, 2, 4, 2, 6, 400, 0.2, edge_rows=True, device="cpu")
     args[0] = args[0].mul(4).round()
-    assert torch.equal(native.pq_select(*args), reference.pq_select(*args))
+    assert torch.equal(native.pq_select(*args), portable.pq_select(*args))
 
 
 @needs_native
@@ -164,7 +164,7 @@ def test_sparse_attention_matches_reference(G, T, masked):
     q, k, v, idx, valid = attention_inputs(3, 2, G, 64, 250, T, device="cpu")
     valid = valid if masked else None
     out = native.sparse_decode_attention(q, k, v, idx, valid, 0.3)
-    torch.testing.assert_close(out, reference.sparse_decode_attention(q, k, v, idx, valid, 0.3), atol=2e-6,
+    torch.testing.assert_close(out, portable.sparse_decode_attention(q, k, v, idx, valid, 0.3), atol=2e-6,
                                rtol=1e-5)
     if masked:
         assert (out[-1, :G] == 0).all()  # a list with no valid token attends nothing
@@ -188,17 +188,17 @@ def test_sparse_attention_nan_key_matches_reference():
     q, k, v, idx, valid = attention_inputs(2, 2, 3, 16, 60, 20, device="cpu")
     k[0, 1, idx[0, 1, 0]] = float("nan")
     out = native.sparse_decode_attention(q, k, v, idx, valid, 0.5)
-    torch.testing.assert_close(out, reference.sparse_decode_attention(q, k, v, idx, valid, 0.5), equal_nan=True)
+    torch.testing.assert_close(out, portable.sparse_decode_attention(q, k, v, idx, valid, 0.5), equal_nan=True)
 
 
 @needs_native
 def test_pq_encode_matches_reference_and_leaves_non_finite_keys_to_it():
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(4, 7, 64, generator=g), torch.randn(4, 8, 256, 8, generator=g)
-    assert torch.equal(native.pq_encode(x, c), reference.pq_encode(x, c))
+    assert torch.equal(native.pq_encode(x, c), portable.pq_encode(x, c))
     x[1, 3, 5] = float("inf")
     assert native.pq_encode(x, c) is None
-    assert torch.equal(torch.ops.pqflex.pq_encode(x, c), reference.pq_encode(x, c))
+    assert torch.equal(torch.ops.pqflex.pq_encode(x, c), portable.pq_encode(x, c))
 
 
 def _index_pair(B, N, budget, capacity=None, start=None):
@@ -273,7 +273,7 @@ def test_pq_select_ranks_subnormal_probabilities_like_the_reference():
     """Scores far apart: most probabilities are subnormal (exp below -87), still ranked, not flushed to ties."""
     args = make_inputs(2, 2, 3, 4, 6, 600, 0.9, device="cpu")  # deep into the tail
     args[0] = args[0] * 150.0
-    out, ref = native.pq_select(*args), reference.pq_select(*args)
+    out, ref = native.pq_select(*args), portable.pq_select(*args)
     agg = agg_scores(*args[:4], args[6])
     tiny = (agg > 0) & (agg < 1.1754944e-38)
     assert tiny.sum() > 100  # the case is exercised

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pqflex.ops import native, reference
+from pqflex.ops import native, portable
 from pqflex.ops.pq_select import (MAX_CELL_BITS, pq_select, pq_select_cells, pq_select_radix,
                                   pq_select_triton, use_cells)
 
@@ -35,10 +35,10 @@ def make_inputs(B, Hkv, G, M, nbits, N, frac, dtype=torch.float32, seed=0, devic
 def agg_scores(ip, codes, lo, hi, scale):
     """The reference's aggregated scores ``[B, Hkv, N]`` (-1 for non-candidates)."""
     N = codes.shape[2]
-    s = reference.adc_scores(ip, codes)[:, :, :, None] * scale  # [B, Hkv, G, 1, N]
+    s = portable.adc_scores(ip, codes)[:, :, :, None] * scale  # [B, Hkv, G, 1, N]
     pos = torch.arange(N, device=codes.device)
     cand = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None]
-    return reference.gqa_scores(s, cand)[:, :, 0]
+    return portable.gqa_scores(s, cand)[:, :, 0]
 
 
 def assert_same_selection(out, ref, scores):
@@ -61,7 +61,7 @@ def check(fn, args, **kw):
     the table's dtype would round the scores first."""
     out = fn(*args, **kw)
     args32 = [args[0].float()] + list(args[1:])
-    assert_same_selection(out, reference.pq_select(*args32), agg_scores(*args32[:4], args[6]))
+    assert_same_selection(out, portable.pq_select(*args32), agg_scores(*args32[:4], args[6]))
     return out
 
 
@@ -118,9 +118,9 @@ def test_registered_op_cpu_is_native_or_the_reference(monkeypatch):
     """The CPU kernel: the native C kernel for fp32 tables (tests/test_native.py), the reference otherwise."""
     args = make_inputs(2, 2, 4, 2, 6, 300, 0.1, device="cpu")
     check(torch.ops.pqflex.pq_select, args)
-    assert torch.equal(torch.ops.pqflex.pq_select(args[0].double(), *args[1:]), reference.pq_select(*args))
+    assert torch.equal(torch.ops.pqflex.pq_select(args[0].double(), *args[1:]), portable.pq_select(*args))
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    assert torch.equal(torch.ops.pqflex.pq_select(*args), reference.pq_select(*args))
+    assert torch.equal(torch.ops.pqflex.pq_select(*args), portable.pq_select(*args))
 
 
 @pytest.mark.parametrize("bad,exc,match", [

@@ -115,12 +115,12 @@ def test_unsupported_families_raise_one_sentence_naming_the_class():
 @pytest.mark.parametrize("kmeans", ["reference", "op"])
 def test_kmeans_ignores_non_finite_values_at_masked_points(kmeans):
     """The k-means op itself masks by selection: NaN/inf at masked-out points change nothing."""
-    from pqflex.ops import reference
+    from pqflex.ops import portable
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 300, 4, generator=g)
     mask = torch.rand(2, 300, generator=g) > 0.2
-    run = reference.kmeans if kmeans == "reference" else torch.ops.pqflex.kmeans
+    run = portable.kmeans if kmeans == "reference" else torch.ops.pqflex.kmeans
     clean = run(x, mask, 16, 4, 0, 0.0)
     poisoned = x.clone()
     poisoned[~mask] = float("nan")

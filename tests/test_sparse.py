@@ -5,7 +5,7 @@ import torch
 
 from pqflex import PQConfig, PQIndex, attention_backend
 from pqflex.index import decode_token_list
-from pqflex.ops import reference
+from pqflex.ops import portable
 from pqflex.ops.backends import flex_block_mask
 
 from tests.helpers import assert_close_rule, decode, dense_causal, selection_mask
@@ -49,7 +49,7 @@ def reference_attention(q, k, v, idx, valid, scale):
     B, Hkv, _ = idx.shape
     attend = torch.zeros(B, Hkv, 1, k.shape[2], dtype=torch.int32)
     attend = attend.scatter_add_(-1, idx[:, :, None], valid[:, :, None].int()) > 0
-    return reference.masked_attention(q, k, v, attend, scale)
+    return portable.masked_attention(q, k, v, attend, scale)
 
 
 @pytest.mark.parametrize("backend", ["fused", "gather", "flex"])
@@ -113,7 +113,7 @@ def test_index_decode_in_a_fixed_capacity_buffer_equals_growing_cache(backend, s
         got = decode(static, q, kbuf, vbuf, torch.tensor(n), D ** -0.5)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         plan = selection_mask(grow.plan(q, n, D ** -0.5), n)
-        torch.testing.assert_close(want, reference.masked_attention(q, k[:, :, :n], v[:, :, :n], plan, D ** -0.5),
+        torch.testing.assert_close(want, portable.masked_attention(q, k[:, :, :n], v[:, :, :n], plan, D ** -0.5),
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -162,13 +162,13 @@ def test_select_blocks_takes_the_whole_blocks_with_the_most_mass():
     kb = int(index.topk[0]) // block
     assert got.shape == (B, Hkv, (index.k_max // block) * block) and index.full_lists
     lo, hi = index.start + index.sink, N - index.recent
-    ip = reference.compute_ip_table(q.view(B, Hkv, G, D), index.quantizer.centroids)
-    scores = reference.adc_scores(ip, index.codes) * 0.25  # [B, Hkv, G, N]
+    ip = portable.compute_ip_table(q.view(B, Hkv, G, D), index.quantizer.centroids)
+    scores = portable.adc_scores(ip, index.codes) * 0.25  # [B, Hkv, G, N]
     for b in range(B):
         s = int(index.start[b])  # blocks are aligned to the row's first token
         cand = torch.zeros(1, 1, N, dtype=torch.bool)
         cand[..., lo[b]:hi[b]] = True
-        probs = reference.gqa_scores(scores[b:b + 1, :, :, None], cand)[0, :, 0]  # [Hkv, N]
+        probs = portable.gqa_scores(scores[b:b + 1, :, :, None], cand)[0, :, 0]  # [Hkv, N]
         whole = [j for j in range((N - s) // block) if s + j * block >= lo[b] and s + (j + 1) * block <= hi[b]]
         for h in range(Hkv):
             mass = torch.stack([probs[h, s + j * block:s + (j + 1) * block].sum() for j in whole])
@@ -224,7 +224,7 @@ def test_streaming_budget_attends_sink_and_recent_only():
     q = torch.randn(B, H, 1, D, generator=g)
     attend = torch.zeros(B, Hkv, 1, N, dtype=torch.bool)
     attend[..., :4] = attend[..., N - 36:] = True
-    want = reference.masked_attention(q, k[:, :, :N], v[:, :, :N], attend, D ** -0.5)
+    want = portable.masked_attention(q, k[:, :, :N], v[:, :, :N], attend, D ** -0.5)
     torch.testing.assert_close(decode(index, q, k, v, torch.tensor(N), D ** -0.5), want, atol=1e-5, rtol=1e-5)
 
 

@@ -4,7 +4,7 @@ on CPU, compiled on CUDA."""
 import pytest
 import torch
 
-from pqflex.ops import native, reference
+from pqflex.ops import native, portable
 from pqflex.ops.sparse_attention import sparse_decode_attention, sparse_decode_attention_triton
 
 from tests.helpers import assert_close_rule
@@ -32,8 +32,8 @@ def bitmap(idx, valid, C):
 
 def check(out, q, k, v, idx, valid, scale, dtype, atol_floor=1e-5):
     """The 2x rule: ``ref32`` from the fp32 inputs, ``ref_lp`` from the inputs rounded to ``dtype``."""
-    ref32 = reference.sparse_decode_attention(q, k, v, idx, valid, scale)
-    ref_lp = reference.sparse_decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), idx, valid, scale)
+    ref32 = portable.sparse_decode_attention(q, k, v, idx, valid, scale)
+    ref_lp = portable.sparse_decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), idx, valid, scale)
     assert out.shape == q.shape and out.dtype == dtype
     assert_close_rule(out, ref_lp, ref32, atol_floor)
 
@@ -41,13 +41,13 @@ def check(out, q, k, v, idx, valid, scale, dtype, atol_floor=1e-5):
 @pytest.mark.parametrize("G,T", [(1, 1), (4, 57), (2, 200)])
 def test_reference_is_masked_attention_over_the_bitmap(G, T):
     q, k, v, idx, valid = make_inputs(3, 2, G, 16, 250, T, device="cpu")
-    want = reference.masked_attention(q, k, v, bitmap(idx, valid, 250), 0.3)
-    torch.testing.assert_close(reference.sparse_decode_attention(q, k, v, idx, valid, 0.3), want,
+    want = portable.masked_attention(q, k, v, bitmap(idx, valid, 250), 0.3)
+    torch.testing.assert_close(portable.sparse_decode_attention(q, k, v, idx, valid, 0.3), want,
                                atol=1e-5, rtol=1e-5)
     assert (want[-1, :G] == 0).all()  # the row with no valid token
     everything = torch.ones_like(valid)
-    torch.testing.assert_close(reference.sparse_decode_attention(q, k, v, idx, None, 0.3),
-                               reference.masked_attention(q, k, v, bitmap(idx, everything, 250), 0.3),
+    torch.testing.assert_close(portable.sparse_decode_attention(q, k, v, idx, None, 0.3),
+                               portable.masked_attention(q, k, v, bitmap(idx, everything, 250), 0.3),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -55,7 +55,7 @@ def test_reference_listing_every_token_is_dense_attention():
     q, k, v, _, _ = make_inputs(2, 2, 4, 16, 90, 90, device="cpu")
     idx = torch.arange(90).flip(0).expand(2, 2, 90)  # any order
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True)
-    torch.testing.assert_close(reference.sparse_decode_attention(q, k, v, idx, None, 0.25), dense,
+    torch.testing.assert_close(portable.sparse_decode_attention(q, k, v, idx, None, 0.25), dense,
                                atol=1e-5, rtol=1e-5)
 
 
@@ -87,11 +87,11 @@ def test_registered_op_cpu_is_native_or_the_reference(monkeypatch):
     """The CPU kernel: the native C kernel for fp32 (tests/test_native.py), the reference otherwise."""
     args = make_inputs(2, 2, 4, 16, 100, 30, device="cpu") + [0.25]
     torch.testing.assert_close(torch.ops.pqflex.sparse_decode_attention(*args),
-                               reference.sparse_decode_attention(*args), atol=2e-6, rtol=1e-5)
+                               portable.sparse_decode_attention(*args), atol=2e-6, rtol=1e-5)
     half = [t.half() if t.is_floating_point() else t for t in args[:5]] + [0.25]
-    assert torch.equal(torch.ops.pqflex.sparse_decode_attention(*half), reference.sparse_decode_attention(*half))
+    assert torch.equal(torch.ops.pqflex.sparse_decode_attention(*half), portable.sparse_decode_attention(*half))
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    assert torch.equal(torch.ops.pqflex.sparse_decode_attention(*args), reference.sparse_decode_attention(*args))
+    assert torch.equal(torch.ops.pqflex.sparse_decode_attention(*args), portable.sparse_decode_attention(*args))
 
 
 def test_op_compiles_on_cpu_without_recompiling():
@@ -103,7 +103,7 @@ def test_op_compiles_on_cpu_without_recompiling():
         for seed in range(2):
             idx = torch.rand(1, 2, 100, generator=torch.Generator().manual_seed(seed)).argsort(-1)[..., :30]
             torch.testing.assert_close(fn(q, k, v, idx, valid),
-                                       reference.sparse_decode_attention(q, k, v, idx, valid, 0.25))
+                                       portable.sparse_decode_attention(q, k, v, idx, valid, 0.25))
     torch._dynamo.reset()
 
 
@@ -139,12 +139,12 @@ def test_triton_limits():
                                              (10 ** 6, 1, None), (3276, 8, 64), (100, 2, 7)])
 def test_split_sizes(T, bh, num_splits):
     """Whole blocks per split, at most MAX_SPLITS (or the splits asked for), and every split holds a slot."""
-    from pqflex.ops.sparse_attention import MAX_SPLITS, _split_tokens
+    from pqflex.ops.sparse_attention import MAX_SPLITS, tokens_per_split
 
     for device in (torch.device("cpu"), torch.device("cuda", 0)):
         if device.type == "cuda" and not torch.cuda.is_available():
             continue
-        tokens = _split_tokens(T, bh, 64, device, num_splits)
+        tokens = tokens_per_split(T, bh, 64, device, num_splits)
         splits = -(-T // tokens)
         assert tokens % 64 == 0 and 1 <= splits <= (num_splits or MAX_SPLITS)
         assert (splits - 1) * tokens < T

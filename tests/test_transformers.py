@@ -11,7 +11,7 @@ from transformers import (AttentionInterface, AutoModelForCausalLM, FalconConfig
                           Qwen2Config, Qwen3Config)
 
 import pqflex
-from pqflex import PQCache, PQConfig, PQIndex
+from pqflex import PQCache, PQConfig
 from pqflex import index as pq_index
 from pqflex.integrations import transformers as pq_tf
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from pqflex.integrations.transformers import CACHE_KWARG
+from pqflex.integrations.caches import CACHE_KWARG
 
 
 def _captured(cache: Cache) -> list[Any]:

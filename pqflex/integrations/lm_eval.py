@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from pqflex.config import PQConfig
-from pqflex.integrations.transformers import ATTN_IMPLEMENTATION, configure
+from pqflex.integrations.model import ATTN_IMPLEMENTATION, configure
 
 PREFIX = "pq_"
 _PATCHED = "_pqflex_patched"

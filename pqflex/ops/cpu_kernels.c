@@ -414,7 +414,7 @@ static int64_t nearest_centroid(const float *x, const float *ct, const float *c_
 /* One Lloyd assignment for problems [lo, hi) of x [L, N, dsub] (points rows xs apart, problems xl apart) with
  * weights w [L, N] and centroids c [L, ksub, dsub]: sums [L, ksub, dsub] and counts [L, ksub] of the weighted points
  * of each cluster (overwritten) and dist [L, N], each point's squared distance ||x||^2 + ||c||^2 - 2 x.c to its
- * nearest centroid (ties to the lowest index), as reference.kmeans's step. Points of weight 0 are skipped (their
+ * nearest centroid (ties to the lowest index), as portable.kmeans's step. Points of weight 0 are skipped (their
  * dist is 0: the caller masks them). Returns 1 if out of memory. */
 EXPORT int kmeans_step_f32(const float *x, int64_t xl, int64_t xs, const float *w, const float *c, int64_t lo,
                            int64_t hi, int64_t N, int64_t ksub, int64_t dsub, float *sums, float *counts,

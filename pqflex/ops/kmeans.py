@@ -1,10 +1,10 @@
-"""kmeans: batched Lloyd k-means on the GPU, same contract as :func:`pqflex.ops.reference.kmeans`.
+"""kmeans: batched Lloyd k-means on the GPU, same contract as :func:`pqflex.ops.portable.kmeans`.
 
 One Triton launch per iteration does the heavy part of a Lloyd step for ``L`` independent problems: each program
 takes a slice of one problem's points, assigns every point to its nearest centroid (tf32 tensor-core dot), and
 accumulates the slice's per-cluster sums and counts with a second dot (one-hot^T @ x); it writes those partials
 and each point's squared distance to its centroid. The partials are summed in a fixed order by torch (so a run is
-deterministic), and the shared :func:`pqflex.ops.reference.lloyd` loop does the seeded initialization, the mean
+deterministic), and the shared :func:`pqflex.ops.portable.lloyd` loop does the seeded initialization, the mean
 update and the re-seeding of empty clusters.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pqflex.ops import native, reference
+from pqflex.ops import native, portable
 from pqflex.ops.pq_encode import _nearest_tile
 
 try:
@@ -23,9 +23,9 @@ except ImportError:  # pragma: no cover
 
 # Points per tile and warps of the step kernel: a tile's [points x ksub] distances live in registers; 128 x 256 with
 # 4 warps spilled (H200, 32 layers x 8 heads at 32K: 424 ms per build, 32 x 4: 194 ms; benchmarks/bench_build.py).
-_BLOCK_N = 32
-_NUM_WARPS = 4
-_PROGRAMS_PER_PROBLEM = 16
+BLOCK_N = 32
+NUM_WARPS = 4
+PROGRAMS_PER_PROBLEM = 16
 
 
 def _check(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int) -> None:
@@ -69,16 +69,20 @@ if triton is not None:
 
 
 def kmeans_triton(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
-                  tol: float = 0.0) -> torch.Tensor:
-    """Batched k-means of ``x [L, N, dsub]`` on the GPU; returns centroids ``[L, ksub, dsub]`` fp32."""
+                  tol: float = 0.0, *, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                  programs_per_problem: int = PROGRAMS_PER_PROBLEM) -> torch.Tensor:
+    """Batched k-means of ``x [L, N, dsub]`` on the GPU; returns centroids ``[L, ksub, dsub]`` fp32.
+
+    ``block_n`` points per tile, ``num_warps`` and ``programs_per_problem``: the step kernel's tiling (the defaults
+    are the measured best; ``benchmarks/bench_build.py`` times others)."""
     _check(x, mask, ksub, niter)
     if ksub < 16:
         raise ValueError(f"kmeans_triton needs ksub >= 16 (nbits >= 4), got ksub={ksub}")
     L, N, dsub = x.shape
-    w = reference.kmeans_weights(x, mask).contiguous()
+    w = portable.kmeans_weights(x, mask).contiguous()
     xf = torch.where(w[..., None] > 0, x.float(), 0.0).contiguous()  # masked points never reach the arithmetic
-    tiles = triton.cdiv(N, _BLOCK_N)
-    programs = min(_PROGRAMS_PER_PROBLEM, tiles)
+    tiles = triton.cdiv(N, block_n)
+    programs = min(programs_per_problem, tiles)
     tiles_per_program = triton.cdiv(tiles, programs)
     sums = torch.empty(L, programs, ksub, dsub, device=x.device)
     counts = torch.empty(L, programs, ksub, device=x.device)
@@ -88,20 +92,20 @@ def kmeans_triton(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: 
     def step(centroids: torch.Tensor):
         kernel[(L, programs)](xf, w, centroids.contiguous(), sums, counts, dist, N, dsub, tiles_per_program,
                               xf.stride(0), xf.stride(1), w.stride(0),
-                              KSUB=ksub, DSUB_P=max(16, triton.next_power_of_2(dsub)), BLOCK_N=_BLOCK_N,
-                              num_warps=_NUM_WARPS)
+                              KSUB=ksub, DSUB_P=max(16, triton.next_power_of_2(dsub)), BLOCK_N=block_n,
+                              num_warps=num_warps)
         return sums.sum(1), counts.sum(1), dist
 
-    return reference.lloyd(xf, w, ksub, niter, seed, tol, step)
+    return portable.lloyd(xf, w, ksub, niter, seed, tol, step)
 
 
 @torch.library.custom_op("pqflex::kmeans", mutates_args=())
 def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
            tol: float = 0.0) -> torch.Tensor:
-    """``torch.ops.pqflex.kmeans``: :func:`pqflex.ops.reference.kmeans` on any device, Triton on CUDA (ksub >= 16),
+    """``torch.ops.pqflex.kmeans``: :func:`pqflex.ops.portable.kmeans` on any device, Triton on CUDA (ksub >= 16),
     the C Lloyd step on the CPU over torch's intra-op threads (:func:`pqflex.ops.native.kmeans`, where it builds)."""
     _check(x, mask, ksub, niter)
-    return reference.kmeans(x, mask, ksub, niter, seed, tol)
+    return portable.kmeans(x, mask, ksub, niter, seed, tol)
 
 
 @kmeans.register_kernel("cpu")
@@ -109,7 +113,7 @@ def _kmeans_cpu(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: in
                 tol: float = 0.0) -> torch.Tensor:
     _check(x, mask, ksub, niter)
     if native.library() is None:
-        return reference.kmeans(x, mask, ksub, niter, seed, tol)
+        return portable.kmeans(x, mask, ksub, niter, seed, tol)
     return native.kmeans(x, mask, ksub, niter, seed, tol, threads=torch.get_num_threads())
 
 
@@ -118,7 +122,7 @@ def _kmeans_cuda(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: i
                  tol: float = 0.0) -> torch.Tensor:
     if triton is None or ksub < 16:
         _check(x, mask, ksub, niter)
-        return reference.kmeans(x, mask, ksub, niter, seed, tol)
+        return portable.kmeans(x, mask, ksub, niter, seed, tol)
     return kmeans_triton(x, mask, ksub, niter, seed, tol)
 
 

@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from pqflex.ops import native_build, reference
+from pqflex.ops import native_build, portable
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -94,7 +94,7 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, topk: torch.Tensor,
               k_max: int, scale: float) -> torch.Tensor:
-    """:func:`pqflex.ops.reference.pq_select` in one pass (fp32 ``ip_table``; checked by the caller)."""
+    """:func:`pqflex.ops.portable.pq_select` in one pass (fp32 ``ip_table``; checked by the caller)."""
     B, Hkv, G, M, ksub = ip_table.shape
     if ksub < 256 and codes.numel() and int(codes.max()) >= ksub:  # the C reads the table unchecked
         raise IndexError(f"pq_select: a code is {int(codes.max())}, out of range for ksub={ksub}")
@@ -111,7 +111,7 @@ def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi:
 
 def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
                             valid: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """:func:`pqflex.ops.reference.sparse_decode_attention` by index, no gathered copy (fp32; checked by the
+    """:func:`pqflex.ops.portable.sparse_decode_attention` by index, no gathered copy (fp32; checked by the
     caller)."""
     B, H, _, D = query.shape
     _, Hkv, T = idx.shape
@@ -130,7 +130,7 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
 
 def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:
-    """:func:`pqflex.ops.reference.pq_encode` of fp32 ``x`` (distances as ``sum (x - c)^2``); None if ``x`` holds
+    """:func:`pqflex.ops.portable.pq_encode` of fp32 ``x`` (distances as ``sum (x - c)^2``); None if ``x`` holds
     a non-finite value (whose codes the reference's arithmetic decides)."""
     L, N, _ = x.shape
     M, ksub, dsub = centroids.shape[1:]
@@ -142,12 +142,12 @@ def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:
 
 def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0, tol: float = 0.0,
            threads: int = 1) -> torch.Tensor:
-    """:func:`pqflex.ops.reference.kmeans` with the Lloyd assignment in C, the ``L`` problems split over ``threads``
+    """:func:`pqflex.ops.portable.kmeans` with the Lloyd assignment in C, the ``L`` problems split over ``threads``
     threads (the C call releases the GIL). Each problem is summed by one thread in point order, so the result does
     not depend on ``threads``; it equals the reference up to float rounding of the distances (a near-tie can go to
     the other centroid)."""
     L, N, dsub = x.shape
-    w = reference.kmeans_weights(x, mask).contiguous()
+    w = portable.kmeans_weights(x, mask).contiguous()
     xf = torch.where(w[..., None] > 0, x.float(), 0.0).contiguous()
     lib = library()
     parts = max(1, min(L, threads))
@@ -167,7 +167,7 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, se
 
     pool = concurrent.futures.ThreadPoolExecutor(parts, thread_name_prefix="pqflex-lloyd") if parts > 1 else None
     try:
-        return reference.lloyd(xf, w, ksub, niter, seed, tol, step)
+        return portable.lloyd(xf, w, ksub, niter, seed, tol, step)
     finally:
         if pool is not None:
             pool.shutdown()

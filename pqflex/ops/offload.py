@@ -1,6 +1,6 @@
 """offload_gather: the rows a decode step attends, each from the GPU part of an offloaded KV store or from CPU memory.
 
-Same contract as :func:`pqflex.ops.reference.offload_gather`. On CUDA, ``host_rows`` is a device view of pinned
+Same contract as :func:`pqflex.ops.portable.offload_gather`. On CUDA, ``host_rows`` is a device view of pinned
 CPU memory (:func:`pqflex.kvstore.device_view`: under unified addressing a kernel reads host memory by address),
 and the Triton kernel (one row per program) reads each row from exactly one source, so a row served on the GPU
 costs no PCIe traffic and a miss costs one row over PCIe. The reference (any device) reads both and
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pqflex.ops import reference
+from pqflex.ops import portable
 
 try:
     import triton
@@ -63,10 +63,10 @@ if triton is not None:
 @torch.library.triton_op("pqflex::offload_gather", mutates_args=())
 def offload_gather(device_rows: torch.Tensor, host_rows: torch.Tensor, row: torch.Tensor,
                    pos: torch.Tensor) -> torch.Tensor:
-    """``torch.ops.pqflex.offload_gather``: Triton on CUDA, the reference elsewhere."""
+    """``torch.ops.pqflex.offload_gather``: Triton on CUDA, plain torch elsewhere."""
     _check(device_rows, host_rows, row, pos)
     if triton is None or device_rows.device.type != "cuda":
-        return reference.offload_gather(device_rows, host_rows, row, pos)
+        return portable.offload_gather(device_rows, host_rows, row, pos)
     B, Hkv, T = row.shape
     D = device_rows.shape[-1]
     device_rows, host_rows = (t if t.stride(-1) == 1 else t.contiguous() for t in (device_rows, host_rows))
@@ -84,4 +84,4 @@ def offload_gather(device_rows: torch.Tensor, host_rows: torch.Tensor, row: torc
 @offload_gather.register_kernel("cpu")
 def _offload_gather_cpu(device_rows, host_rows, row, pos):
     _check(device_rows, host_rows, row, pos)
-    return reference.offload_gather(device_rows, host_rows, row, pos)
+    return portable.offload_gather(device_rows, host_rows, row, pos)

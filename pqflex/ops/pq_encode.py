@@ -1,4 +1,4 @@
-"""pq_encode: nearest-centroid codes of vectors, per sub-space (matches :func:`pqflex.ops.reference.pq_encode`).
+"""pq_encode: nearest-centroid codes of vectors, per sub-space (matches :func:`pqflex.ops.portable.pq_encode`).
 
 ``codes[l, n, m] = argmin_c ||x[l, n, m*dsub:(m+1)*dsub] - centroids[l, m, c]||^2``; with the squared norm of
 ``x`` dropped, ``||c||^2 - 2 x.c`` is minimized, accumulating in fp32 (IEEE dot, so codes equal the reference's
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pqflex.ops import native, reference
+from pqflex.ops import native, portable
 
 try:
     import triton
@@ -64,7 +64,7 @@ if triton is not None:
 
 
 def pq_encode_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Launch the Triton pq_encode (same contract as :func:`pqflex.ops.reference.pq_encode`)."""
+    """Launch the Triton pq_encode (same contract as :func:`pqflex.ops.portable.pq_encode`)."""
     _check(x, centroids)
     L, N, _ = x.shape
     M, ksub, dsub = centroids.shape[1:]
@@ -84,9 +84,9 @@ def pq_encode_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("pqflex::pq_encode", mutates_args=())
 def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """``torch.ops.pqflex.pq_encode``: :func:`pqflex.ops.reference.pq_encode` on any device, Triton on CUDA."""
+    """``torch.ops.pqflex.pq_encode``: :func:`pqflex.ops.portable.pq_encode` on any device, Triton on CUDA."""
     _check(x, centroids)
-    return reference.pq_encode(x, centroids)
+    return portable.pq_encode(x, centroids)
 
 
 NATIVE_MAX_POINTS = 64  # beyond this many vectors per problem (prefill), the reference's matmuls are faster
@@ -98,7 +98,7 @@ def _pq_encode_cpu(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     # A decode step's new keys: one C pass instead of the chunked matmul. Non-finite keys keep the reference's
     # arithmetic (its ||c||^2 - 2 x.c distances), so that their codes match it exactly.
     codes = native.pq_encode(x, centroids) if encodes_natively(x, centroids) else None
-    return reference.pq_encode(x, centroids) if codes is None else codes
+    return portable.pq_encode(x, centroids) if codes is None else codes
 
 
 def encodes_natively(x: torch.Tensor, centroids: torch.Tensor) -> bool:
@@ -110,7 +110,7 @@ def encodes_natively(x: torch.Tensor, centroids: torch.Tensor) -> bool:
 def _pq_encode_cuda(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     if triton is None or centroids.shape[2] < 16:
         _check(x, centroids)
-        return reference.pq_encode(x, centroids)
+        return portable.pq_encode(x, centroids)
     return pq_encode_triton(x, centroids)
 
 

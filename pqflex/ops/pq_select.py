@@ -1,6 +1,6 @@
 """pq_select: GQA-aggregated ADC scores of the middle tokens and their exact top-k, per sequence and KV head.
 
-Math (matches :func:`pqflex.ops.reference.gqa_scores` + :func:`pqflex.ops.reference.select_topk`): for query
+Math (matches :func:`pqflex.ops.portable.gqa_scores` + :func:`pqflex.ops.portable.select_topk`): for query
 head ``g`` of a KV head, ``s_g[n] = scale * sum_m ip_table[g, m, codes[n, m]]``; over the candidate tokens
 ``n in [lo, hi)`` the aggregated score is ``p[n] = sum_g exp(s_g[n] - max_g) / Z_g`` with ``max_g`` and
 ``Z_g = sum_n exp(s_g[n] - max_g)`` taken over the candidates, and the ``k = min(topk, #candidates, k_max)``
@@ -57,12 +57,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from pqflex.ops import native, reference
+from pqflex.ops import native, portable
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - CPU installs without triton use the reference
+except ImportError:  # pragma: no cover - CPU installs without triton run plain torch
     triton = None
 
 MAX_CELL_BITS = 12
@@ -559,7 +559,7 @@ def use_cells(M: int, nbits: int) -> bool:
 
 def pq_select_triton(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                      topk: torch.Tensor, k_max: int, scale: float) -> torch.Tensor:
-    """Launch the Triton pq_select (same contract as :func:`pqflex.ops.reference.pq_select`, ties aside), by
+    """Launch the Triton pq_select (same contract as :func:`pqflex.ops.portable.pq_select`, ties aside), by
     :func:`use_cells` the cells or the radix path."""
     M, ksub = ip_table.shape[-2:]
     if use_cells(M, ksub.bit_length() - 1):
@@ -570,11 +570,11 @@ def pq_select_triton(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tens
 @torch.library.triton_op("pqflex::pq_select", mutates_args=())
 def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
               topk: torch.Tensor, k_max: int, scale: float) -> torch.Tensor:
-    """``torch.ops.pqflex.pq_select``: Triton on CUDA, the reference on the CPU."""
+    """``torch.ops.pqflex.pq_select``: Triton on CUDA, the native C kernel or plain torch on the CPU."""
     _check(ip_table, codes, lo, hi, topk, k_max)
-    # The device test also keeps torch.compile on the CPU tracing the reference instead of Triton kernels.
+    # The device test also keeps torch.compile on the CPU tracing plain torch instead of Triton kernels.
     if triton is None or codes.device.type != "cuda":
-        return reference.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)
+        return portable.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)
     return pq_select_triton(ip_table, codes, lo, hi, topk, k_max, scale)
 
 
@@ -583,4 +583,4 @@ def _pq_select_cpu(ip_table, codes, lo, hi, topk, k_max, scale):
     _check(ip_table, codes, lo, hi, topk, k_max)
     if native.usable(ip_table):  # one pass in C (fp32 tables, which compute_ip_table gives)
         return native.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)
-    return reference.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)
+    return portable.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)

@@ -1,6 +1,6 @@
 """sparse_decode_attention: one query per sequence attends the listed tokens of its KV head, read by index.
 
-Math (matches :func:`pqflex.ops.reference.sparse_decode_attention`, itself :func:`pqflex.ops.reference.
+Math (matches :func:`pqflex.ops.portable.sparse_decode_attention`, itself :func:`pqflex.ops.portable.
 masked_attention` with the token bitmap of the list): for query head ``g`` of KV head ``h``,
 ``out[g] = sum_t p_t V[idx[t]]`` with ``p = softmax_t(scale * q_g . K[idx[t]])`` over the slots ``t`` with
 ``valid[t]``; a query whose list has no valid token gets zeros.
@@ -25,12 +25,12 @@ import math
 
 import torch
 
-from pqflex.ops import native, reference
+from pqflex.ops import native, portable
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - CPU installs without triton use the reference
+except ImportError:  # pragma: no cover - CPU installs without triton run plain torch
     triton = None
 
 MAX_G = 16  # query heads per KV head of the kernel's query tile
@@ -80,7 +80,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_tokens(T: int, bh: int, block_t: int, device: torch.device, num_splits: int | None = None) -> int:
+def tokens_per_split(T: int, bh: int, block_t: int, device: torch.device, num_splits: int | None = None) -> int:
     """Listed slots per split, a multiple of ``block_t``: at most ``num_splits`` splits when asked for.
 
     By default the most blocks per split that still give ``PROGRAMS_PER_SM`` programs per SM (``bh = B * Hkv``
@@ -194,7 +194,7 @@ def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value
                                    valid: torch.Tensor | None, scale: float, num_splits: int | None = None,
                                    block_t: int | None = None, num_warps: int = 4,
                                    num_stages: int = 2) -> torch.Tensor:
-    """Launch the Triton kernels (same contract as :func:`pqflex.ops.reference.sparse_decode_attention`).
+    """Launch the Triton kernels (same contract as :func:`pqflex.ops.portable.sparse_decode_attention`).
 
     ``num_splits`` (default: from ``T``, ``B * Hkv`` and the SM count), ``block_t`` (default 64; 32 for fp32),
     ``num_warps`` and ``num_stages`` are tuning knobs for benchmarks and tests; none of them changes the result
@@ -211,7 +211,7 @@ def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value
         raise ValueError(f"block_t={block_t} must be a power of two >= 16")
     if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits={num_splits} is out of range [1, {MAX_SPLITS}]")
-    split_tokens = _split_tokens(T, B * Hkv, block_t, query.device, num_splits)
+    split_tokens = tokens_per_split(T, B * Hkv, block_t, query.device, num_splits)
     num_splits = triton.cdiv(T, split_tokens)  # no empty split; at most MAX_SPLITS
     # Under torch.compile with dynamic shapes (a recompile for another prompt length or batch size) the split
     # count is symbolic: the compile-time constants take their bounds, so one graph serves every length.
@@ -246,14 +246,14 @@ def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value
 @torch.library.triton_op("pqflex::sparse_decode_attention", mutates_args=())
 def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
                             valid: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """``torch.ops.pqflex.sparse_decode_attention``: Triton on CUDA (reference for G > 16 or D > 256), reference
-    on the CPU. Shapes as :func:`pqflex.ops.reference.sparse_decode_attention`; ``query`` may be any view with a
+    """``torch.ops.pqflex.sparse_decode_attention``: Triton on CUDA (plain torch for G > 16 or D > 256), the native
+    C kernel or plain torch on the CPU. Shapes as :func:`pqflex.ops.portable.sparse_decode_attention`; ``query`` may be any view with a
     unit last stride (transformers passes ``[B, S, H, D]`` transposed)."""
     _check(query, key, value, idx, valid, scale)
     G, D = query.shape[1] // key.shape[1], query.shape[3]
-    # The device test also keeps torch.compile on the CPU tracing the reference instead of Triton kernels.
+    # The device test also keeps torch.compile on the CPU tracing plain torch instead of Triton kernels.
     if triton is None or query.device.type != "cuda" or G > MAX_G or D > MAX_D:
-        return reference.sparse_decode_attention(query, key, value, idx, valid, scale)
+        return portable.sparse_decode_attention(query, key, value, idx, valid, scale)
     return sparse_decode_attention_triton(query, key, value, idx, valid, scale)
 
 
@@ -262,4 +262,4 @@ def _sparse_decode_attention_cpu(query, key, value, idx, valid, scale):
     _check(query, key, value, idx, valid, scale)
     if native.usable(query):  # fp32: read the listed rows by index in C
         return native.sparse_decode_attention(query, key, value, idx, valid, scale)
-    return reference.sparse_decode_attention(query, key, value, idx, valid, scale)
+    return portable.sparse_decode_attention(query, key, value, idx, valid, scale)

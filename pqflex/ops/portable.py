@@ -1,4 +1,7 @@
-"""Plain-torch reference of every pqflex op: the ground truth that the fast kernels are tested against.
+"""Plain-torch implementation of every pqflex op: what runs where no kernel serves (a device without one, a shape
+beyond a kernel's limits, the CPU without the native library), and the building blocks the index uses (the
+inner-product table, PQCache's GQA aggregation, top-k). The kernels are tested against it, and it is tested against
+the brute-force oracle of ``tests/oracle.py``, which no production code calls.
 
 Shapes use the house letters: ``L`` independent problems (flattened leading dims), ``N`` points or cached
 tokens, ``R`` query rows, ``M`` sub-quantizers, ``ksub`` centroids per sub-space, ``dsub`` sub-vector dims,
