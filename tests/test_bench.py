@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pqflex
-from pqflex.harness import bench
+from pqflex.harness import bench, bench_launch, bench_measure
 from pqflex.harness.cli import main
 
 
@@ -49,7 +49,7 @@ def test_offload_without_a_gpu_warns_that_it_only_simulates():
 
     pq = make("llama")
     pqflex.configure(pq, SPARSE)
-    with pytest.warns(RuntimeWarning, match="offload=True\) on cpu only simulates offloading"):
+    with pytest.warns(RuntimeWarning, match=r"offload=True\) on cpu only simulates offloading"):
         pqflex.PQStaticCache(pq, 320, SPARSE.replace(offload=True), max_batch_size=1)
 
 
@@ -176,9 +176,9 @@ def test_bench_tensor_parallel_two_ranks(tmp_path, device):
 
 def test_bench_launch_shares_the_cores_between_ranks(monkeypatch):
     seen = []
-    monkeypatch.setattr(bench.subprocess, "run", lambda command, env: seen.append(env) or subprocess.CompletedProcess(
+    monkeypatch.setattr(bench_launch.subprocess, "run", lambda command, env: seen.append(env) or subprocess.CompletedProcess(
         command, 0))
-    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(bench_launch.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert bench.launch(["bench"], 2) == 0 and seen[-1]["OMP_NUM_THREADS"] == "8"
     assert bench.rank_threads(32) == 1
@@ -204,14 +204,14 @@ def test_bench_tp_must_match_the_launchers_world_size(monkeypatch, capsys):
 
 
 def test_out_of_memory_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
-    real = bench.run_method
+    real = bench_measure.run_method
 
     def run_method(preset, method, *args, **kwargs):
         if method == "pqcache":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(preset, method, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "run_method", run_method)
+    monkeypatch.setattr(bench_measure, "run_method", run_method)
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--contexts", "64", "--methods", "pqcache,sdpa",
                  "--new-tokens", "2", "--warmup", "1", "--no-generate", "--json", str(out)]) == 0
