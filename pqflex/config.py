@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 DENSE_WINDOW = 1 << 40
 
 KMEANS_DEVICES = ("auto", "cpu")
-ATTENTION_BACKENDS = ("fused", "gather", "flex")  # see pqflex.sparse
+ATTENTION_BACKENDS = ("fused", "gather", "flex")  # see pqflex.ops.backends
 SELECTIONS = ("token", "block")  # see pqflex.index
 SCORERS = ("pq", "exact")
 # Methods compared under one budget accounting (sink + recent + selected = budget); see PQConfig.for_method.

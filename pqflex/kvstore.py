@@ -78,8 +78,7 @@ class HostBuffer:
     """CPU memory for an offloaded store: pageable memory registered with CUDA (page-locked and mapped).
 
     Registering fresh pageable memory is several times faster than a pinned allocation
-    (``torch.empty(..., pin_memory=True)``): H200 host, 4 GiB: 0.7 s against 3.9-6 s (BENCHMARKS.md), and a cache is
-    mostly this memory. Unregistered when the last view of it is gone (after a device sync). On the CPU, plain
+    (``torch.empty(..., pin_memory=True)``; BENCHMARKS.md), and a cache is mostly this memory. Unregistered when the last view of it is gone (after a device sync). On the CPU, plain
     memory.
     """
 

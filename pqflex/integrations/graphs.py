@@ -1,9 +1,8 @@
 """One decode step captured as a CUDA graph and replayed: :class:`DecodeGraph`.
 
 ``torch.compile(mode="reduce-overhead")`` (what ``generate()`` uses for a static cache) already replays a CUDA graph,
-but every call first evaluates Dynamo's guards in Python and the CUDA-graph tree's input checks: 1.6 ms a token for
-the Llama-3.1-8B shape on one H200, 3-3.5 ms on each of two tensor-parallel ranks (BENCHMARKS.md), host time the GPU
-waits through when each token is read back. A :class:`DecodeGraph` captures the compiled step once, for one model
+but every call first evaluates Dynamo's guards in Python and the CUDA-graph tree's input checks: host time the GPU
+waits through when each token is read back (BENCHMARKS.md, "Tensor parallelism"). A :class:`DecodeGraph` captures the compiled step once, for one model
 and one static cache, and then only copies the new token in and replays the graph.
 """
 

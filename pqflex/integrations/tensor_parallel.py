@@ -34,8 +34,8 @@ def tp_inference(model: nn.Module) -> Iterator[nn.Module]:
     With grad disabled transformers' TP forward of a ``Linear`` already runs on the local shards (it unwraps the
     DTensor weights at every call), so the tokens are the same. What changes is a compiled decode step: each DTensor
     weight is a graph input whose guards (placements, device mesh) Dynamo checks in Python, and which the compiled
-    wrapper unwraps, at every step, before the step's CUDA graph is launched. On two H100s (Llama-3.1-8B shape)
-    that was ~9 ms of host time a token, while the GPU waited.
+    wrapper unwraps, at every step, before the step's CUDA graph is launched: host time a token while the GPU waits
+    (BENCHMARKS.md, "Tensor parallelism").
 
     For inference only: calling the model with grad enabled inside the block raises (``generate()`` runs without
     grad). A model without tensor parallelism passes through unchanged. Yields the model.

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 # Points per tile and warps of the step kernel: a tile's [points x ksub] distances live in registers; 128 x 256 with
-# 4 warps spilled (H200, 32 layers x 8 heads at 32K: 424 ms per build, 32 x 4: 194 ms; benchmarks/bench_build.py).
+# 4 warps spilled (benchmarks/bench_build.py; BENCHMARKS.md, "Index build").
 BLOCK_N = 32
 NUM_WARPS = 4
 PROGRAMS_PER_PROBLEM = 16

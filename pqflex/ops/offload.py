@@ -3,11 +3,9 @@
 Same contract as :func:`pqflex.ops.portable.offload_gather`. On CUDA, ``host_rows`` is a device view of pinned
 CPU memory (:func:`pqflex.kvstore.device_view`: under unified addressing a kernel reads host memory by address),
 and the Triton kernel (one row per program) reads each row from exactly one source, so a row served on the GPU
-costs no PCIe traffic and a miss costs one row over PCIe. The reference (any device) reads both and
-picks, which is exact but moves every row; it serves the CPU, where both sources are host memory anyway.
-
-Measured bearing (H200, torch 2.11, bf16, 256-byte rows from pinned memory; ``benchmarks/bench_host_memory.py``,
-BENCHMARKS.md): 18 GB/s at 256 rows per head, 47-50 GB/s from 2,048 rows per head up; bulk copies 55 GB/s.
+costs no PCIe traffic and a miss costs one row over PCIe. The plain-torch version (any device) reads both and
+picks, which is exact but moves every row; it serves the CPU, where both sources are host memory anyway. What a
+gather of host rows reaches over PCIe: ``benchmarks/bench_host_memory.py``, BENCHMARKS.md.
 """
 
 from __future__ import annotations

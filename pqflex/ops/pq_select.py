@@ -34,20 +34,18 @@ writes and does the small serial step), so no program rescans a histogram.
 
 Four Triton launches plus the transpose of the ip table. Bytes per token: the codes once, ``4 G`` bytes of scores
 written and read back, 4 bytes of key written and read (twice in pass 3), and the lists (in the benchmark bucket
-``d0`` held about 1% of the candidates and bucket ``d1`` just the ties at ``T``). Measured at M=8, nbits=8, batch 1,
-128K tokens (H200): 61-70 us per call in a CUDA graph, of which transpose 1.8, stats 17.4 (bound by the table
-gathers, not by bytes: it grows with M, 8.2 us at M=2 and 31.8 at M=16), score 11.6, top 10.9 and rest 12.5 us;
-the last three take 7-12 us at 32K too, so chains of dependent memory round trips, not bytes, bound them.
+``d0`` held about 1% of the candidates and bucket ``d1`` just the ties at ``T``). The stats pass is bound by the
+table gathers (it grows with M); the last three passes by chains of dependent memory round trips, not by bytes
+(BENCHMARKS.md, "The selection kernel for every setting", has the times per pass).
 
 **cells** (``M * nbits <= 12``). A token's score depends on its code tuple only, so one program per (sequence, KV
 head) takes the histogram of the candidates' cells (at most 4096 code tuples), scores every cell, and finds the
 threshold by bisection over the float bits; then a scan emits the tokens above it. Three launches.
 
-Dispatch (:func:`use_cells`): the cells path for ``M * nbits <= 12``, the radix path beyond. Measured with
-``benchmarks/bench_select.py`` (H200, torch 2.11, Triton 3.6; Llama-3.1-8B heads, top-k N/20) at M=2, nbits=6, the
-largest cell table: cells 28 / 56 us at N = 32K / 128K for batch 1 and 64 / 163 us for batch 8, radix 34-39 /
-52-61 and 79-89 / 223-233 us. The context length did not change the order, so the rule is by code bits alone.
-Both paths are tested against the reference over the whole grid.
+Dispatch (:func:`use_cells`): the cells path for ``M * nbits <= 12``, the radix path beyond: at the largest cell
+table (M=2, nbits=6) the cells path was the faster at every context and batch measured (``benchmarks/
+bench_select.py``, BENCHMARKS.md), so the rule is by code bits alone. Both paths are tested against
+:mod:`pqflex.ops.portable` over the whole grid.
 """
 
 from __future__ import annotations

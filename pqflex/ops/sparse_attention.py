@@ -13,9 +13,9 @@ softmax, base 2). With one split it writes the output; otherwise each split writ
 second kernel combines the splits. The number of splits depends on shapes only (``T``, ``B * Hkv``, the SM count),
 so a decode step compiles once and captures in a CUDA graph.
 
-Measured on an H200 (``benchmarks/bench_sparse_attention.py``): ``BLOCK_T=64``, 4 warps, 2 stages was the fastest
-setting at every shape; prefetching the next block's indices by hand gained nothing, and combining the splits in
-the last program of each KV head (an atomic counter instead of the second kernel) lost 1 to 6 us.
+``BLOCK_T=64``, 4 warps, 2 stages was the fastest setting at every shape measured; prefetching the next block's
+indices by hand gained nothing, and combining the splits in the last program of each KV head (an atomic counter
+instead of the second kernel) was slower (``benchmarks/bench_sparse_attention.py``, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -84,9 +84,8 @@ def tokens_per_split(T: int, bh: int, block_t: int, device: torch.device, num_sp
     """Listed slots per split, a multiple of ``block_t``: at most ``num_splits`` splits when asked for.
 
     By default the most blocks per split that still give ``PROGRAMS_PER_SM`` programs per SM (``bh = B * Hkv``
-    programs per split), one block at least, at most ``MAX_SPLITS`` splits. On an H200 (Llama-3.1-8B shape, T = C / 10)
-    one block of 64 slots per split was as fast as any split count at B=1, C=32K (52 splits); the 13 splits that a
-    floor of 256 slots per split gives were 2 us slower.
+    programs per split), one block at least, at most ``MAX_SPLITS`` splits (one block of 64 slots per split was as
+    fast as any split count measured; BENCHMARKS.md).
     """
     blocks = triton.cdiv(T, block_t)
     if num_splits is not None:
