@@ -13,9 +13,9 @@ one query per sequence ``[B, H, 1, D]`` over the listed rows of ``key``/``value`
   ``BlockMask`` built on the device (blocks holding a listed token, the bitmap as ``mask_mod``). Fast only under
   ``torch.compile``; eager FlexAttention evaluates the mask over every token.
 
-All three are exact attention over the listed tokens (``tests/test_sparse.py`` checks them against the test
-oracle). :func:`masked_attention` and :func:`range_attention` serve what is not a token list: several queries with a
-mask each, and dense sequences (every token of ``[start, n)``).
+All three are exact attention over the listed tokens (``tests/test_sparse.py`` checks them against masked
+attention). :func:`masked_attention` (plain torch, :mod:`pqflex.ops.portable`) and :func:`range_attention` serve
+what is not a token list: several queries with a mask each, and dense sequences (every token of ``[start, n)``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from pqflex.config import ATTENTION_BACKENDS, PQConfig
 from pqflex.ops import sparse_attention  # noqa: F401  (registers torch.ops.pqflex.sparse_decode_attention)
+from pqflex.ops.portable import masked_attention  # noqa: F401  (several queries with a token mask each)
 
 FLEX_KV_BLOCK = 128  # FlexAttention KV block size of the sparse decode mask
 
@@ -119,18 +120,6 @@ def attention_backend(config: PQConfig) -> FusedAttention | GatherAttention | Fl
         block = config.block_size
         return FlexAttention(block if config.selection == "block" and block % 16 == 0 else FLEX_KV_BLOCK)
     raise ValueError(f"sparse attention backend {config.backend!r} is not supported; allowed: {ATTENTION_BACKENDS}")
-
-
-def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attend: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Exact attention ``[B, H, S, D]`` of each query ``[B, H, S, D]`` over the tokens ``attend`` ``[B, Hkv, S, N]``
-    marks in ``key``/``value`` ``[B, Hkv, N, D]``, per KV head; rows that attend nothing are zero."""
-    G = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(G, dim=1)  # [B, H, N, D]
-    v = value.repeat_interleave(G, dim=1)
-    mask = attend.repeat_interleave(G, dim=1)  # [B, H, S, N]
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
-    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def range_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor,
