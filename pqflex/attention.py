@@ -6,40 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from pqflex.config import PQConfig
-from pqflex.index import PQIndex
+from pqflex.index import PQIndex, check_attention_inputs
 from pqflex.kvstore import ResidentKV
 from pqflex.ops.backends import attention_backend
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: PQConfig) -> None:
-    """Raise ``TypeError``/``ValueError`` unless the tensors are SDPA-style ``[B, H, S, D]`` / ``[B, Hkv, N, D]``."""
-    if not isinstance(config, PQConfig):
-        raise TypeError(f"config must be a pqflex.PQConfig, got {type(config).__name__}")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not torch.is_tensor(t):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} dtype {t.dtype} is not supported; allowed: {_FLOAT_DTYPES}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key and value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
-    B, H, S, D = query.shape
-    if key.shape != value.shape:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} shapes differ")
-    Bk, Hkv, N, Dk = key.shape
-    if Bk != B or Dk != D:
-        raise ValueError(f"key [B, Hkv, N, D] = {tuple(key.shape)} does not match query [B, H, S, D] = "
-                         f"{tuple(query.shape)} in B or D")
-    if Hkv < 1 or H % Hkv != 0:
-        raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
-    if not 1 <= S <= N:
-        raise ValueError(f"query length S={S} must be in [1, N={N}] (queries are the last S cached positions)")
-    if D % config.M != 0:
-        raise ValueError(f"head dim D={D} is not divisible by PQConfig.M={config.M}")
-
 
 def retrieval_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: PQConfig, *,
                         kv_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:

@@ -18,9 +18,40 @@ import torch
 import torch.nn.functional as F
 
 from pqflex.config import PQConfig
-from pqflex.ops import portable
+from pqflex.ops import pq_encode, portable  # noqa: F401  (pq_encode registers torch.ops.pqflex.pq_encode)
 from pqflex.ops.pq_select import pq_select
 from pqflex.quantizer import ProductQuantizer
+
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: PQConfig) -> None:
+    """Raise ``TypeError``/``ValueError`` unless the tensors are SDPA-style ``[B, H, S, D]`` / ``[B, Hkv, N, D]``."""
+    if not isinstance(config, PQConfig):
+        raise TypeError(f"config must be a pqflex.PQConfig, got {type(config).__name__}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} dtype {t.dtype} is not supported; allowed: {_FLOAT_DTYPES}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
+    B, H, S, D = query.shape
+    if key.shape != value.shape:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} shapes differ")
+    Bk, Hkv, N, Dk = key.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"key [B, Hkv, N, D] = {tuple(key.shape)} does not match query [B, H, S, D] = "
+                         f"{tuple(query.shape)} in B or D")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
+    if not 1 <= S <= N:
+        raise ValueError(f"query length S={S} must be in [1, N={N}] (queries are the last S cached positions)")
+    if D % config.M != 0:
+        raise ValueError(f"head dim D={D} is not divisible by PQConfig.M={config.M}")
 
 
 def left_padding_start(kv_mask: torch.Tensor | None, B: int, N: int, device: torch.device) -> torch.Tensor:
@@ -319,11 +350,18 @@ class PQIndex:
             if self.quantizer is None:  # the exact scorer reads the keys themselves
                 return
             pos = (position if torch.is_tensor(position) else torch.tensor(position, device=key.device)).reshape(1)
-            self.codes.index_copy_(2, pos.to(self.codes.device), self.quantizer.encode(key))
+            self.codes.index_copy_(2, pos.to(self.codes.device), self._encode(key))
             return
-        new = (key.new_zeros(*key.shape[:3], 0, dtype=torch.uint8) if self.quantizer is None
-               else self.quantizer.encode(key))
+        new = key.new_zeros(*key.shape[:3], 0, dtype=torch.uint8) if self.quantizer is None else self._encode(key)
         self.codes = torch.cat([self.codes, new], dim=-2)
+
+    def _encode(self, key: torch.Tensor) -> torch.Tensor:
+        """Codes ``[B, Hkv, S, M]`` of keys ``[B, Hkv, S, D]`` with each head's centroids: the ``pq_encode`` op
+        (:meth:`ProductQuantizer.encode`'s math, called here so that a decode step reaches the op directly)."""
+        B, Hkv, S, D = key.shape
+        c = self.quantizer.centroids  # [B, Hkv, M, ksub, dsub]
+        codes = torch.ops.pqflex.pq_encode(key.reshape(B * Hkv, S, D), c.reshape(B * Hkv, *c.shape[2:]))
+        return codes.reshape(B, Hkv, S, c.shape[2])
 
     def select_batch(self, indices: torch.Tensor) -> PQIndex:
         """The index of the sequences ``indices`` ``[B']`` (int64; repeats allowed), e.g. beams reordered.

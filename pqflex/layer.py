@@ -29,9 +29,9 @@ import concurrent.futures
 
 import torch
 
-from pqflex.attention import causal_attention, check_attention_inputs
+from pqflex.attention import causal_attention
 from pqflex.config import PQConfig
-from pqflex.index import PQIndex
+from pqflex.index import PQIndex, check_attention_inputs
 from pqflex.kvstore import OffloadedKV, ResidentKV
 from pqflex.ops.backends import attention_backend
 from pqflex.quantizer import ProductQuantizer

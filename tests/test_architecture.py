@@ -73,3 +73,42 @@ def test_production_code_never_imports_the_test_oracle():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any(n.startswith("tests") for n in names), path
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "growing", "adopted"])
+def test_one_decode_step_passes_through_four_files(cache_kind):
+    """From the attention function to the kernels (``pqflex/ops/``), a decode step runs code of at most four files of
+    the package: integrations/attention.py, layer.py, index.py, kvstore.py (eager on the CPU, traced)."""
+    import sys
+
+    import torch
+    from transformers import DynamicCache
+
+    import pqflex
+    from tests.test_transformers import CACHE_KW, SPARSE, make, prompt
+
+    model = make("llama")
+    pqflex.configure(model, SPARSE)
+    cache = {"static": lambda: pqflex.PQStaticCache(model, 400), "growing": lambda: pqflex.PQCache(model),
+             "adopted": lambda: DynamicCache(config=model.config)}[cache_kind]()
+    with torch.no_grad():
+        out = model(prompt(300), **{CACHE_KW: cache}, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        model(token, **{CACHE_KW: cache}, use_cache=True)  # the first step of a growing cache builds the index
+        seen, inside = set(), []
+
+        def profile(frame, event, arg):  # files of the package run inside the attention function
+            if frame.f_code.co_name == "pqcache_attention_forward" and event in ("call", "return"):
+                inside.append(event == "call") if event == "call" else inside.pop()
+            if event == "call" and inside:
+                path = Path(frame.f_code.co_filename)
+                if "pqflex" in path.parts and "ops" not in path.parts:
+                    seen.add(path.relative_to(ROOT).as_posix())
+
+        sys.setprofile(profile)
+        try:
+            model(token, **{CACHE_KW: cache}, use_cache=True)
+        finally:
+            sys.setprofile(None)
+    assert seen == {"pqflex/integrations/attention.py", "pqflex/layer.py", "pqflex/index.py", "pqflex/kvstore.py"}, \
+        sorted(seen)

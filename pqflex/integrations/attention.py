@@ -25,7 +25,8 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 from pqflex.attention import causal_attention
 from pqflex.config import PQConfig
 from pqflex.integrations.caches import ADOPTABLE, EAGER_REASON, PQStaticCache, adopt
-from pqflex.integrations.model import ATTN_IMPLEMENTATION, CACHE_ARG, CONFIG_ATTR, check_supported, install_hook
+from pqflex.integrations.model import (ATTN_IMPLEMENTATION, CACHE_ARG, CHECKED_ATTR, CONFIG_ATTR, UNSUPPORTED_KWARGS,
+                                       check_supported, install_hook)
 from pqflex.layer import PQCacheState
 
 _NO_HOOK = object()  # CACHE_ARG's value when the module's hook did not run (its first pqcache forward)
@@ -57,7 +58,14 @@ def pqcache_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
         ``([B, S, H, D], None)``.
     """
     cache = kwargs.pop(CACHE_ARG, _NO_HOOK)
-    check_supported(module, kwargs)
+    for name in UNSUPPORTED_KWARGS:  # asked per call; the module's class and config once (check_supported)
+        asked = kwargs.get(name)
+        if asked is not None:
+            shown = f"a tensor of shape {tuple(asked.shape)}" if torch.is_tensor(asked) else repr(asked)
+            raise NotImplementedError(f"pqcache does not support attention with {name}={shown} "
+                                      f"({type(module).__name__})")
+    if not getattr(module, CHECKED_ATTR, False):
+        check_supported(module)
     if cache is _NO_HOOK:  # from_pretrained(attn_implementation="pqcache"): the module's first forward
         install_hook(module)
     kv_mask = _padding_mask(attention_mask)
@@ -73,7 +81,7 @@ def pqcache_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
         out = causal_attention(query, key, value, kv_mask, scale)  # no cache: nothing to index
     else:
         state = getattr(cache, "pq_state", None)
-        if state is None or isinstance(cache.layers[module.layer_idx], ADOPTABLE):
+        if state is None or type(cache.layers[module.layer_idx]) in ADOPTABLE:
             state = adopt(cache)  # transformers' own DynamicCache, or a layer it added since
         config = getattr(cache, "pq_config", None) or getattr(module, CONFIG_ATTR, None) or PQConfig()
         n = cache.layers[module.layer_idx].cumulative_length if isinstance(cache, PQStaticCache) else None

@@ -147,7 +147,7 @@ class PQDynamicLayer(DynamicLayer):
             runtime.end_prompt()
 
 
-ADOPTABLE = (DynamicLayer,)  # a layer of these classes (and not a PQDynamicLayer) is adopted; see adopt()
+ADOPTABLE = (DynamicLayer,)  # a layer of exactly these classes is adopted; see adopt()
 
 
 def adopt(cache: Cache) -> PQCacheState:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
@@ -18,7 +17,7 @@ _HOOK_ATTR = "_pqflex_hook"  # the handle of the module's forward pre-hook (see 
 CACHE_ARG = "pqflex_cache"  # the attention keyword that carries the forward's cache
 
 # Keyword arguments that ask the attention function for something pqflex does not implement.
-_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
+UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
 _UNSUPPORTED_CONFIG = {
     "is_encoder_decoder": "encoder-decoder models",
     "kv_lora_rank": "multi-head latent attention (MLA)",
@@ -38,21 +37,14 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return modules
 
 
-_CHECKED_ATTR = "_pqflex_checked"  # set once a module's class and config passed check_supported
+CHECKED_ATTR = "_pqflex_checked"  # set once a module's class and config passed check_supported
 
 
-def check_supported(module: nn.Module, attention_kwargs: dict[str, Any] | None = None) -> None:
-    """Raise ``NotImplementedError`` naming the class if pqcache cannot serve this attention layer correctly.
-
-    The module's config is checked once; the attention keyword arguments on every call.
-    """
+def check_supported(module: nn.Module) -> None:
+    """Raise ``NotImplementedError`` naming the class if pqcache cannot serve this attention layer correctly (its
+    class and config; checked once per module until :func:`configure` runs again)."""
     name = type(module).__name__
-    for key in _UNSUPPORTED_KWARGS:
-        value = (attention_kwargs or {}).get(key)
-        if value is not None:
-            shown = f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else repr(value)
-            raise NotImplementedError(f"pqcache does not support attention with {key}={shown} ({name})")
-    if getattr(module, _CHECKED_ATTR, False):
+    if getattr(module, CHECKED_ATTR, False):
         return
     config = getattr(module, "config", None)
     for attr, what in _UNSUPPORTED_CONFIG.items():
@@ -69,7 +61,7 @@ def check_supported(module: nn.Module, attention_kwargs: dict[str, Any] | None =
     window = getattr(config, "sliding_window", None)
     if layer_types is None and window is not None:
         raise NotImplementedError(f"pqcache does not support attention with sliding_window={window!r} ({name})")
-    setattr(module, _CHECKED_ATTR, True)
+    setattr(module, CHECKED_ATTR, True)
 
 
 def configure(model: nn.Module, config: PQConfig | None = None) -> nn.Module:
@@ -83,7 +75,7 @@ def configure(model: nn.Module, config: PQConfig | None = None) -> nn.Module:
         raise TypeError(f"config must be a pqflex.PQConfig, got {type(config).__name__}")
     modules = attention_modules(model)
     for module in modules:
-        setattr(module, _CHECKED_ATTR, False)  # the config may have changed since the last check
+        setattr(module, CHECKED_ATTR, False)  # the config may have changed since the last check
         check_supported(module)
     check_config(config, modules)
     check_tensor_parallel(model)
