@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from pqflex.ops import kmeans, portable  # noqa: F401  (kmeans registers torch.ops.pqflex.kmeans)
-from pqflex.ops import native
-from pqflex.ops.pq_encode import encodes_natively, pq_encode
+from pqflex.ops.pq_encode import pq_encode
 
 
 class ProductQuantizer:
@@ -98,11 +97,7 @@ class ProductQuantizer:
         self._check(x, "x")
         lead, N = x.shape[:-2], x.shape[-2]
         c = self._require_trained(lead).reshape(-1, self.M, self.ksub, self.dsub)  # [L, M, ksub, dsub]
-        x = x.reshape(-1, N, self.dim)
-        codes = None
-        if not torch.compiler.is_compiling() and encodes_natively(x, c):  # a decode step on the CPU: no op dispatch
-            codes = native.pq_encode(x, c)
-        codes = pq_encode(x, c) if codes is None else codes  # [L, N, M]
+        codes = pq_encode(x.reshape(-1, N, self.dim), c)  # [L, N, M]
         return codes.reshape(*lead, N, self.M)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
