@@ -1,4 +1,4 @@
-"""CPU decode: dense SDPA vs pqcache through the native C step vs pqcache through the plain-torch ops (issue #13).
+"""CPU decode: dense SDPA vs pqcache through the ops' native C kernels vs pqcache in plain torch (issues #13, #27).
 
 A random-weight model of the default model's shape (``smollm2-135m``: SmolLM2-135M, 30 layers, 9 query / 3 KV
 heads, head dim 64, fp32) prefills ``--context`` random tokens once into transformers' ``DynamicCache``;
@@ -10,8 +10,7 @@ of a shared machine hits every method alike; each row is the median over its ste
 - ``attention``: the part of it spent inside the 30 attention layers (projections included; forward hooks, see
   :class:`pqflex.harness.demo.AttentionTimer`).
 
-``pqcache (ops)`` is the same cache with the native kernels switched off (``PQFLEX_NATIVE=0``): what the CPU ran
-before them. Both caches grow one token per step (``DynamicCache`` appends by concatenation, a copy of every
+``pqcache (ops)`` is the same cache with the native kernels switched off (``PQFLEX_NATIVE=0``): plain torch. Both caches grow one token per step (``DynamicCache`` appends by concatenation, a copy of every
 layer's keys and values per token: the same cost for every method). Usage::
 
     python benchmarks/bench_cpu_decode.py --context 4096 8192 --json benchmarks/results/cpu_decode.json
