@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pqflex.config import PQConfig
 from pqflex.ops import pq_encode, portable  # noqa: F401  (pq_encode registers torch.ops.pqflex.pq_encode)
 from pqflex.ops.pq_select import pq_select
+from pqflex.ops.portable import decode_token_list
 from pqflex.quantizer import ProductQuantizer
 
 
@@ -150,58 +151,40 @@ def select_blocks(scores: torch.Tensor, start: torch.Tensor, lo: torch.Tensor, h
 class Selection(NamedTuple):
     """The plan of one step: which cached tokens each query attends, per KV head (see :meth:`PQIndex.plan`).
 
-    A decode step (one query per sequence) gets a token list of static width ``T = sink + middle + recent``: the
-    sink positions, the ``middle`` top-k slots and the recent window, with a validity mask; several queries get a
-    mask per query.
+    A decode step (one query per sequence) attends a list of static width ``T = sink + W + recent`` per KV head:
+    the sink positions, the ``W`` top-k slots and the recent window. The plan holds the top-k slots and each
+    sequence's spans; the sink and recent positions follow from them, so no list is built unless a consumer asks
+    (:meth:`token_list`). Several queries get a mask per query instead.
 
     Attributes:
-        tokens: ``[B, Hkv, T]`` int64 positions in ``[0, n)`` (0 in empty slots; the valid ones distinct), or None.
-        valid: ``[B, Hkv, T]`` bool, which slots hold a real token; None with ``tokens``.
-        mask: ``[B, Hkv, S, N]`` bool, the tokens each of ``S > 1`` queries attends; None for a token list.
-        sink, middle: static widths of the list's sink part and top-k part (the recent part follows).
-        full: every slot is a real token (``valid`` all True), so attention needs no mask.
+        middle: ``[B, Hkv, W]`` int32 top-k positions, ``-1`` for an empty slot; None with a mask.
+        spans: ``[B, 3]`` int64 (start, sink budget, recent budget) of each sequence; None with a mask, or for a
+            plain list (``sink = recent = 0``, ``middle`` is the whole list).
+        mask: ``[B, Hkv, S, N]`` bool, the tokens each of ``S > 1`` queries attends; None for a decode step.
+        sink, recent: static widths of the sink and recent parts of the list.
+        full: every slot of the list is a real token, so attention needs no mask.
         dense: every sequence attends all of its tokens ``[start, n)``: a KV source may attend that range instead.
         start: ``[B]`` first valid position of each sequence; n: tokens cached (int or 0-d tensor).
     """
 
-    tokens: torch.Tensor | None
-    valid: torch.Tensor | None
+    middle: torch.Tensor | None
+    spans: torch.Tensor | None
     mask: torch.Tensor | None
     sink: int
-    middle: int
+    recent: int
     full: bool
     dense: bool
     start: torch.Tensor
     n: torch.Tensor | int
 
-
-def decode_token_list(selected: torch.Tensor, start: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor,
-                      n: torch.Tensor | int, sink_max: int, recent_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions attended by the query at position ``n - 1`` of each sequence, and which of them are real.
-
-    Args:
-        selected: ``[B, Hkv, k_max]`` int32 middle-token positions, ``-1`` for empty slots.
-        start: ``[B]`` first valid position; ``sink``, ``recent``: ``[B]`` budgets (see :class:`PQIndex`).
-        n: tokens cached, the new one included (an int or a 0-d tensor: the same for every sequence).
-        sink_max, recent_max: static widths, at least ``max(sink)`` and ``min(max(recent), n)``.
-
-    Returns:
-        ``idx [B, Hkv, T]`` int64 positions in ``[0, n)`` (0 in empty slots) and ``valid [B, Hkv, T]`` bool; the
-        valid positions are distinct: sink ``[start, start + sink)``, the selected slots, recent ``[n - recent, n)``
-        past the sink.
-    """
-    B, Hkv, _ = selected.shape
-    dev = selected.device
-    start, sink, recent = start[:, None], sink[:, None], recent[:, None]  # [B, 1]
-    sink_pos = start + torch.arange(sink_max, device=dev)  # [B, sink_max]
-    sink_ok = (sink_pos < start + sink) & (sink_pos < n)
-    recent_pos = n - recent_max + torch.arange(recent_max, device=dev)[None, :]  # [1, recent_max]
-    recent_ok = (recent_pos >= n - recent) & (recent_pos >= start + sink) & (recent_pos >= 0)
-    idx = torch.cat([sink_pos[:, None].expand(B, Hkv, sink_max), selected.long(),
-                     recent_pos[:, None].expand(B, Hkv, recent_max)], dim=-1)
-    valid = torch.cat([sink_ok[:, None].expand(B, Hkv, sink_max), selected >= 0,
-                       recent_ok[:, None].expand(B, Hkv, recent_max)], dim=-1)
-    return torch.where(valid, idx, 0), valid  # empty slots read row 0 (in bounds), never attended
+    def token_list(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step's list as tensors: positions ``[B, Hkv, T]`` int64 (0 in empty slots) and ``valid``."""
+        if self.middle is None:
+            raise ValueError("a selection of several queries is a mask, not a token list")
+        if self.spans is None:  # a plain list: the slots themselves
+            return self.middle.long().clamp(min=0), self.middle >= 0
+        return decode_token_list(self.middle, self.spans[:, 0], self.spans[:, 1], self.spans[:, 2], self.n,
+                                 self.sink, self.recent)
 
 
 class PQIndex:
@@ -227,6 +210,7 @@ class PQIndex:
         self.config, self.quantizer, self.codes = config, quantizer, codes
         self.start, self.sink, self.recent, self.topk, self.k_max = start, sink, recent, topk, k_max
         self.sink_max, self.recent_max, self.full_lists, self.dense = sink_max, recent_max, full_lists, dense
+        self.spans = torch.stack([start, sink, recent], dim=-1).to(torch.int64)  # [B, 3], what attention reads
 
     @property
     def num_tokens(self) -> int:
@@ -236,7 +220,7 @@ class PQIndex:
     def buffers(self) -> tuple[torch.Tensor, ...]:
         """The tensors a decode step reads or writes (for ``torch._dynamo.mark_static_address``)."""
         centroids = () if self.quantizer is None else (self.quantizer.centroids,)
-        return (self.codes, *centroids, self.start, self.sink, self.recent, self.topk)
+        return (self.codes, *centroids, self.start, self.sink, self.recent, self.topk, self.spans)
 
     @classmethod
     def build(cls, key: torch.Tensor, config: PQConfig, kv_mask: torch.Tensor | None = None,
@@ -442,11 +426,8 @@ class PQIndex:
         if S > 1:
             return Selection(None, None, self._plan_mask(query, int(n), scale, key), 0, 0, False, False, self.start,
                              n)
-        selected = self.topk_tokens(query, n, scale, key)
-        tokens, valid = decode_token_list(selected, self.start, self.sink, self.recent, n, self.sink_max,
-                                          min(self.recent_max, self.num_tokens))
-        return Selection(tokens, valid, None, self.sink_max, selected.shape[-1], self.full_lists, self.dense,
-                         self.start, n)
+        return Selection(self.topk_tokens(query, n, scale, key), self.spans, None, self.sink_max,
+                         min(self.recent_max, self.num_tokens), self.full_lists, self.dense, self.start, n)
 
     def _plan_mask(self, query: torch.Tensor, N: int, scale: float, key: torch.Tensor | None) -> torch.Tensor:
         """``attend [B, Hkv, S, N]`` bool of queries at positions ``N - S ..``: sink + recent + top-k, causal."""

@@ -58,8 +58,7 @@ class ResidentKV:
             return masked_attention(query, self.key[:, :, :N], self.value[:, :, :N], selection.mask, scale)
         if selection.dense:  # every token of each sequence: masked SDPA over the buffer
             return range_attention(query, self.key, self.value, selection.start, selection.n, scale)
-        return self.backend(query, self.key, self.value, selection.tokens, None if selection.full else selection.valid,
-                            scale)
+        return self.backend(query, self.key, self.value, selection, scale)
 
 
 class _CudaArray:
@@ -282,13 +281,14 @@ class OffloadedKV:
         CPU memory for a miss). Then the hot cache counts this selection and admits what missed. No host sync."""
         if self.rows_k is None:
             raise RuntimeError("OffloadedKV.attend before setup(): prefill the prompt first")
-        if selection.tokens is None:
+        if selection.middle is None:
             raise ValueError("an offloaded cache attends one query per sequence (a token list), got a token mask")
-        idx, valid, n = selection.tokens, selection.valid, selection.n
+        idx, valid = selection.token_list()
+        n = selection.n
         B, Hkv, T = idx.shape
-        S0, W, g = selection.sink, selection.middle, self.config.hot_block
-        if S0 != self.sink_max or T - S0 - W != self.ring:
-            raise ValueError(f"the token list's widths (sink {S0}, recent {T - S0 - W}) are not this store's "
+        S0, W, g = selection.sink, selection.middle.shape[-1], self.config.hot_block
+        if S0 != self.sink_max or selection.recent != self.ring:
+            raise ValueError(f"the token list's widths (sink {S0}, recent {selection.recent}) are not this store's "
                              f"(sink {self.sink_max}, ring {self.ring})")
         sel, sel_ok = idx[:, :, S0:S0 + W], valid[:, :, S0:S0 + W]
         if self.units:
@@ -306,7 +306,9 @@ class OffloadedKV:
         k = torch.ops.pqflex.offload_gather(self.rows_k, self.keys, rows, idx)
         v = torch.ops.pqflex.offload_gather(self.rows_v, self.values, rows, idx)
         slots = torch.arange(T, device=idx.device).expand(B, Hkv, T)
-        out = self.backend(query, k, v, slots, None if selection.full else valid, scale)
+        listed = Selection(slots if selection.full else torch.where(valid, slots, -1), None, None, 0, 0,
+                           selection.full, False, selection.start, n)
+        out = self.backend(query, k, v, listed, scale)
         self.lookups.add_(sel_ok.sum())
         self.hits.add_(hit.sum())
         if self.units:

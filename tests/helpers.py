@@ -39,10 +39,10 @@ def selection_mask(selection, N: int) -> torch.Tensor:
     """``[B, Hkv, S, N]`` bool of the tokens a :class:`pqflex.Selection` attends (its mask, or its token list)."""
     if selection.mask is not None:
         return selection.mask[..., :N]
-    B, Hkv, _ = selection.tokens.shape
-    hits = torch.zeros(B, Hkv, 1, max(N, int(selection.tokens.max()) + 1), dtype=torch.int32,
-                       device=selection.tokens.device)
-    hits = hits.scatter_add_(-1, selection.tokens[:, :, None], selection.valid[:, :, None].int())
+    tokens, valid = selection.token_list()
+    B, Hkv, _ = tokens.shape
+    hits = torch.zeros(B, Hkv, 1, max(N, int(tokens.max()) + 1), dtype=torch.int32, device=tokens.device)
+    hits = hits.scatter_add_(-1, tokens[:, :, None], valid[:, :, None].int())
     return hits[..., :N] > 0
 
 

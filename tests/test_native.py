@@ -178,7 +178,7 @@ def test_out_of_range_indices_raise_instead_of_reading_past_the_buffers():
     with pytest.raises(IndexError, match=r"outside \[0, 60\)"):
         native.sparse_decode_attention(q, k, v, idx, valid, 0.5)
     args = make_inputs(1, 2, 4, 2, 4, 100, 0.1, device="cpu")
-    args[1][0, 0, 3, 1] = 16
+    args[1][0, 0, int(args[2][0]), 1] = 16  # a candidate's code (those outside [lo, hi) are never read)
     with pytest.raises(IndexError, match="out of range for ksub=16"):
         native.pq_select(*args)
 

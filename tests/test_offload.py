@@ -250,12 +250,8 @@ def test_cuda_chunked_prefill_under_generates_own_compile(offload):
 
 def selection_of(index, selected, n):
     """The Selection of a decode step at ``n - 1`` whose top-k slots are ``selected`` (``[B, Hkv, k_max]``)."""
-    from pqflex.index import decode_token_list
-
-    tokens, valid = decode_token_list(selected, index.start, index.sink, index.recent, n, index.sink_max,
-                                      min(index.recent_max, index.num_tokens))
-    return pqflex.Selection(tokens, valid, None, index.sink_max, selected.shape[-1], index.full_lists, index.dense,
-                            index.start, n)
+    return pqflex.Selection(selected, index.spans, None, index.sink_max, min(index.recent_max, index.num_tokens),
+                            index.full_lists, index.dense, index.start, n)
 
 
 def test_hot_unit_enters_only_once_all_its_tokens_are_cached():

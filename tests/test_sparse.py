@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pqflex import PQConfig, PQIndex, attention_backend
+from pqflex import PQConfig, PQIndex, Selection, attention_backend
 from pqflex.index import decode_token_list
 from pqflex.ops import portable
 from pqflex.ops.backends import flex_block_mask
@@ -12,7 +12,10 @@ from tests.helpers import assert_close_rule, decode, dense_causal, selection_mas
 
 
 def sparse_decode_attention(q, k, v, idx, valid, scale, backend="gather", all_valid=False):
-    return attention_backend(PQConfig(backend=backend))(q, k, v, idx, None if all_valid else valid, scale)
+    """The backend over a plain list (a Selection without spans: the slots are the list, -1 = empty)."""
+    listed = Selection(idx if all_valid else torch.where(valid, idx, -1), None, None, 0, 0, all_valid, False,
+                       torch.zeros(idx.shape[0], dtype=torch.long), k.shape[2])
+    return attention_backend(PQConfig(backend=backend))(q, k, v, listed, scale)
 
 
 def token_list_case(B=2, Hkv=2, k_max=5, n=300, sink_max=4, recent_max=8, seed=0):
@@ -67,6 +70,49 @@ def test_backends_match_reference(backend, G, dtype):
     out = sparse_decode_attention(*lp, idx, valid, D ** -0.5, backend)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close_rule(out, ref_lp, ref32)
+
+
+@pytest.mark.parametrize("backend", ["fused", "gather", "flex"])
+@pytest.mark.parametrize("n_as_tensor", [False, True])
+def test_a_decode_selection_with_spans_attends_its_whole_token_list(backend, n_as_tensor):
+    """The compact plan (top-k slots + spans + widths, no list built) attends exactly the list that
+    decode_token_list builds; also in a buffer larger than the cache (n given as a tensor), and for a short
+    context where the recent window reaches into the sink."""
+    for n in (300, 14, 9):
+        sink_max, recent_max = 4, 8
+        _, (start, sink, recent, selected) = token_list_case()
+        if n < 300:  # sink [0, 4) or [0, 3); recent [6, 14) or [8, 14) at n = 14, reaching into the sink at n = 9
+            start, selected = torch.zeros_like(start), torch.full_like(selected, -1)
+            selected[:, :, 0] = 5 if n == 14 else -1
+        idx, valid = decode_token_list(selected, start, sink, recent, n, sink_max, recent_max)
+        g = torch.Generator().manual_seed(3)
+        L = 384 if n_as_tensor else n
+        q = torch.randn(2, 8, 1, 32, generator=g)
+        k, v = torch.randn(2, 2, L, 32, generator=g), torch.randn(2, 2, L, 32, generator=g)
+        plan = Selection(selected, torch.stack([start, sink, recent], -1), None, sink_max, recent_max, False, False,
+                         start, torch.tensor(n) if n_as_tensor else n)
+        torch.testing.assert_close(plan.token_list()[0], idx)
+        out = attention_backend(PQConfig(backend=backend))(q, k, v, plan, 32 ** -0.5)
+        torch.testing.assert_close(out, reference_attention(q, k, v, idx, valid, 32 ** -0.5), atol=1e-5, rtol=1e-5)
+        op = torch.ops.pqflex.sparse_decode_attention
+        n_arg = torch.tensor(n) if n_as_tensor else None
+        torch.testing.assert_close(op(q, k, v, selected, None, 32 ** -0.5, plan.spans, n_arg, sink_max, recent_max),
+                                   portable.sparse_decode_attention(q, k, v, idx, valid, 32 ** -0.5),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_decode_attention_refuses_bad_spans():
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 32, 16)
+    idx = torch.zeros(1, 1, 4, dtype=torch.int32)
+    op = torch.ops.pqflex.sparse_decode_attention
+    with pytest.raises(ValueError, match="need spans"):
+        op(q, k, k, idx, None, 0.25, None, None, 2, 0)
+    with pytest.raises(ValueError, match="spans must be an int tensor"):
+        op(q, k, k, idx, None, 0.25, torch.zeros(2, 3, dtype=torch.long), None, 2, 0)
+    with pytest.raises(ValueError, match="sink must be an int >= 0"):
+        op(q, k, k, idx, None, 0.25, torch.zeros(1, 3, dtype=torch.long), None, -1, 0)
+    with pytest.raises(IndexError, match="outside"):
+        op(q, k, k, torch.full((1, 1, 4), 40, dtype=torch.int32), None, 0.25)
 
 
 def test_flex_block_mask_lists_exactly_the_blocks_with_tokens():

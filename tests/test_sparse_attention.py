@@ -114,7 +114,7 @@ def test_op_compiles_on_cpu_without_recompiling():
     (lambda a: a.__setitem__(0, torch.randn(2, 7, 1, 16)), ValueError, "H % Hkv == 0"),
     (lambda a: a.__setitem__(2, a[2][:, :, :50]), ValueError, "must have the shape of key"),
     (lambda a: a.__setitem__(3, a[3].float()), TypeError, "idx must be int32 or int64"),
-    (lambda a: a.__setitem__(3, a[3][:1]), ValueError, "idx must be \\[B, Hkv, T\\]"),
+    (lambda a: a.__setitem__(3, a[3][:1]), ValueError, "idx must be \\[B, Hkv, W\\]"),
     (lambda a: a.__setitem__(4, a[4].int()), TypeError, "valid must be bool or None"),
     (lambda a: a.__setitem__(4, a[4][..., 1:]), ValueError, "must have the shape of idx"),
     (lambda a: a.__setitem__(5, float("nan")), ValueError, "scale must be a finite float"),

@@ -191,7 +191,8 @@ def synthetic_demo(n_ctx: int = 8192, budget: float | int = 0.1, seed: int = 0, 
 
     b = config.resolve_budget(n_ctx)
     rel_err = ((out - dense).norm() / dense.norm()).item()
-    found = ((selection.tokens[0] == needle) & selection.valid[0]).any(-1).tolist()
+    tokens, valid = selection.token_list()
+    found = ((tokens[0] == needle) & valid[0]).any(-1).tolist()
     print(f"context {n_ctx} tokens, {Hkv} KV heads x {G} query heads, head dim {D}")
     print(f"config: M={config.M} nbits={config.nbits} budget={budget} -> sink {b.sink_size} + recent "
           f"{b.recent_size} + top-k {b.topk} = {b.total} tokens per KV head ({b.total / n_ctx:.1%})")

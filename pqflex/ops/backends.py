@@ -1,12 +1,13 @@
 """How a KV source attends: one object per attention backend, chosen once when a layer is built.
 
-A decode step's :class:`pqflex.index.Selection` lists, per sequence and KV head, the ``T`` tokens its one query
-attends (sink, selected, recent; a static width, ``-1``-free positions with a validity mask). A backend attends
-one query per sequence ``[B, H, 1, D]`` over the listed rows of ``key``/``value`` ``[B, Hkv, C, D]``:
+A backend attends one query per sequence ``[B, H, 1, D]`` over the rows of ``key``/``value`` ``[B, Hkv, C, D]``
+that a decode step's :class:`pqflex.index.Selection` names per KV head: its top-k slots (``-1`` = empty) and, where
+it has ``spans``, the sink and recent slots around them (:meth:`pqflex.index.Selection.token_list` builds the whole
+list for a backend that needs it):
 
-- :class:`FusedAttention` (``"fused"``, the default): ``torch.ops.pqflex.sparse_decode_attention`` reads the listed
-  rows straight from the cache by index (no copy): a split-T Triton kernel with a combine step on CUDA, the native
-  C kernel on the CPU (fp32), plain torch elsewhere.
+- :class:`FusedAttention` (``"fused"``, the default): ``torch.ops.pqflex.sparse_decode_attention`` reads the rows
+  straight from the cache by index (no copy, no token list: the kernels compute the sink and recent positions): a
+  split-T Triton kernel with a combine step on CUDA, the native C kernel on the CPU (fp32), plain torch elsewhere.
 - :class:`GatherAttention` (``"gather"``): copy the listed keys and values into a compact ``[B, Hkv, T, D]`` buffer
   and run SDPA with the ``G`` query heads of each KV head packed as query rows (what the original PQCache does).
 - :class:`FlexAttention` (``"flex"``): no copy; a token bitmap of the list drives FlexAttention through a
@@ -37,31 +38,42 @@ def _pack_query(query: torch.Tensor, Hkv: int) -> torch.Tensor:
     return query.reshape(B, Hkv, H // Hkv, D)  # the G query heads of a KV head as query rows
 
 
+def _count(selection, key: torch.Tensor) -> torch.Tensor | None:
+    """The op's ``n``: the selection's 0-d tensor, or None where the keys hold exactly the cached tokens."""
+    n = selection.n
+    if torch.is_tensor(n) or selection.spans is None:
+        return n if torch.is_tensor(n) else None
+    return None if n == key.shape[2] else torch.full((), n, dtype=torch.int64, device=key.device)
+
+
 class FusedAttention:
-    """``"fused"``: :func:`torch.ops.pqflex.sparse_decode_attention` over the listed rows, read by index."""
+    """``"fused"``: :func:`torch.ops.pqflex.sparse_decode_attention` over the selection, read by index."""
 
     name = "fused"
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: torch.Tensor,
-                 valid: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """Attention ``[B, H, 1, D]``; ``valid=None`` promises every listed token is real (no mask to read)."""
-        return torch.ops.pqflex.sparse_decode_attention(query, key, value, tokens, valid, scale)
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection,
+                 scale: float) -> torch.Tensor:
+        """Attention ``[B, H, 1, D]`` of one query per sequence over a decode step's :class:`Selection`."""
+        return torch.ops.pqflex.sparse_decode_attention(query, key, value, selection.middle, None, scale,
+                                                        selection.spans, _count(selection, key), selection.sink,
+                                                        selection.recent)
 
 
 class GatherAttention:
-    """``"gather"``: a compact copy of the listed keys and values, then SDPA (unmasked when ``valid`` is None,
-    which lets SDPA take its fast decode kernels)."""
+    """``"gather"``: a compact copy of the listed keys and values, then SDPA (unmasked when the list is full, which
+    lets SDPA take its fast decode kernels)."""
 
     name = "gather"
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: torch.Tensor,
-                 valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection,
+                 scale: float) -> torch.Tensor:
+        tokens, valid = selection.token_list()
         B, Hkv, T = tokens.shape
         D = key.shape[-1]
         q = _pack_query(query, Hkv)  # checks S == 1
         rows = tokens[..., None].expand(B, Hkv, T, D)
         k, v = key.gather(2, rows), value.gather(2, rows)
-        if valid is None:
+        if selection.full:
             return F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, :, None, :], scale=scale)
         return out.reshape(query.shape)
@@ -99,13 +111,13 @@ class FlexAttention:
     def __init__(self, kv_block: int = FLEX_KV_BLOCK) -> None:
         self.kv_block = kv_block
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: torch.Tensor,
-                 valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection,
+                 scale: float) -> torch.Tensor:
         from torch.nn.attention.flex_attention import flex_attention
 
+        tokens, valid = selection.token_list()
         Hkv, L = key.shape[1], key.shape[2]
         q = _pack_query(query, Hkv)
-        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
         mask = flex_block_mask(tokens, valid, q.shape[2], L, self.kv_block)
         return flex_attention(q, key, value, block_mask=mask, scale=scale).reshape(query.shape)
 

@@ -2,11 +2,13 @@
  *
  * Same math as the plain-torch implementations, in one pass each instead of a chain of tensor ops:
  *   pq_select_f32          ADC scores from the codes, PQCache's GQA rule, exact top-k (ties to the later token)
- *   sparse_attention_f32   attention of the G query heads of a KV head over the listed rows, read by index
+ *   sparse_attention_f32   attention of the G query heads of a KV head over a sink range, the listed rows (read by
+ *                          index) and a recent range
  *   pq_encode_f32          nearest centroid of each sub-vector (ties to the lowest index)
  *   kmeans_step_f32        one Lloyd assignment of k-means: nearest centroid, per-cluster sums and counts
- * Strides are in elements; the last dimension of every tensor is contiguous. Indices are trusted (native.py checks
- * them). No allocation escapes a call and no state is kept, so calls from several threads are safe.
+ * Strides are in elements; the last dimension of every tensor is contiguous. A code or row index out of range returns
+ * 2 (native.py raises IndexError) before it is read. No allocation escapes a call and no state is kept, so calls
+ * from several threads are safe.
  */
 #include <math.h>
 #include <stdint.h>
@@ -292,7 +294,7 @@ static void attend_head(const float *q, int64_t qs, const float *key, int64_t ks
 }
 
 /* ip_table [B, Hkv, G, M, ksub] contiguous; codes [B, Hkv, N, M] with strides (csb, csh, csn);
- * lo, hi, topk [B]; out [B, Hkv, k_max] int32. Returns 0, or -1 when out of memory. */
+ * lo, hi, topk [B]; out [B, Hkv, k_max] int32. Returns 0; -1 out of memory; 2 if a candidate's code is >= ksub. */
 EXPORT int pq_select_f32(const float *ip_table, const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn,
                          const int64_t *lo, const int64_t *hi, const int64_t *topk, int64_t B, int64_t Hkv,
                          int64_t G, int64_t M, int64_t ksub, int64_t N, int64_t k_max, float scale, int32_t *out) {
@@ -305,6 +307,13 @@ EXPORT int pq_select_f32(const float *ip_table, const uint8_t *codes, int64_t cs
         k = k > count ? count : (k < 0 ? 0 : k);
         for (int64_t h = 0; h < Hkv; h++) {
             int32_t *dst = out + (b * Hkv + h) * k_max;
+            if (ksub < 256)  /* a code indexes the table: refuse one out of range rather than read past it */
+                for (int64_t t = first; t < first + count; t++)
+                    for (int64_t m = 0; m < M; m++)
+                        if (codes[b * csb + h * csh + t * csn + m] >= ksub) {
+                            scratch_free(&w);
+                            return 2;
+                        }
             select_head(ip_table + (b * Hkv + h) * G * M * ksub, codes + b * csb + h * csh, csn, first, count, k, G,
                         M, ksub, scale, &w, w.rows);
             for (int64_t j = 0; j < k_max; j++) dst[j] = j < k ? (int32_t)w.rows[j] : -1;
@@ -315,25 +324,43 @@ EXPORT int pq_select_f32(const float *ip_table, const uint8_t *codes, int64_t cs
 }
 
 /* query [B, H, D] with strides (qsb, qsh); key, value [B, Hkv, C, D] with strides (ksb, ksh, ksn) and (vsb, vsh,
- * vsn); idx [B, Hkv, T] contiguous; valid [B, Hkv, T] or NULL; out [B, H, D] contiguous. Returns 0 or -1. */
+ * vsn); out [B, H, D] contiguous. Each KV head attends a list of rows in three parts: `sink` slots at start + j, real
+ * when j < its sink budget and start + j < n; the W listed slots of idx [B, Hkv, W] (int32 when idx32, else int64,
+ * contiguous), real when valid (NULL: all) holds and the entry is >= 0; `recent` slots at n - recent + j, real when
+ * >= n - its recent budget, >= start + its sink budget and >= 0. spans [B, 3] int64 (start, sink budget, recent
+ * budget) is NULL when sink = recent = 0. Returns 0; -1 out of memory; 2 if a real row is outside [0, C). */
 EXPORT int sparse_attention_f32(const float *query, int64_t qsb, int64_t qsh, const float *key, int64_t ksb,
                                 int64_t ksh, int64_t ksn, const float *value, int64_t vsb, int64_t vsh, int64_t vsn,
-                                const int64_t *idx, const uint8_t *valid, int64_t B, int64_t Hkv, int64_t G,
-                                int64_t T, int64_t D, float scale, float *out) {
+                                int64_t C, const void *idx, int idx32, const uint8_t *valid, const int64_t *spans,
+                                int64_t n, int64_t sink, int64_t recent, int64_t B, int64_t Hkv, int64_t G, int64_t W,
+                                int64_t D, float scale, float *out) {
     Scratch w;
-    if (scratch_alloc(&w, G, 0, T, 0)) return -1;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < Hkv; h++) {
-            const int64_t *ib = idx + (b * Hkv + h) * T;
-            const uint8_t *vb = valid ? valid + (b * Hkv + h) * T : NULL;
-            int64_t n = 0;
-            for (int64_t t = 0; t < T; t++)
-                if (!vb || vb[t]) w.rows[n++] = ib[t];
+    int rc = 0;
+    if (scratch_alloc(&w, G, 0, sink + W + recent, 0)) return -1;
+    for (int64_t b = 0; b < B && !rc; b++) {
+        int64_t s0 = spans ? spans[3 * b] : 0, s1 = spans ? s0 + spans[3 * b + 1] : 0;
+        int64_t r0 = spans ? n - spans[3 * b + 2] : n;
+        if (r0 < s1) r0 = s1;
+        if (r0 < 0) r0 = 0;
+        for (int64_t h = 0; h < Hkv && !rc; h++) {
+            int64_t len = 0, off = (b * Hkv + h) * W;
+            for (int64_t p = s0; p < s0 + sink; p++)
+                if (p < s1 && p < n) w.rows[len++] = p;
+            for (int64_t t = 0; t < W; t++) {
+                int64_t p = idx32 ? ((const int32_t *)idx)[off + t] : ((const int64_t *)idx)[off + t];
+                if (p < 0 || (valid && !valid[off + t])) continue;
+                if (p >= C) rc = 2;
+                w.rows[len++] = p;
+            }
+            for (int64_t p = n - recent; p < n; p++)
+                if (p >= r0) w.rows[len++] = p;
+            if (rc) break;
             attend_head(query + b * qsb + h * G * qsh, qsh, key + b * ksb + h * ksh, ksn, value + b * vsb + h * vsh,
-                        vsn, w.rows, n, G, D, scale, w.logits, out + (b * Hkv + h) * G * D);
+                        vsn, w.rows, len, G, D, scale, w.logits, out + (b * Hkv + h) * G * D);
         }
+    }
     scratch_free(&w);
-    return 0;
+    return rc;
 }
 
 /* Code of one vector v [M * dsub] against centroids [M, ksub, dsub]: the nearest centroid of each sub-vector

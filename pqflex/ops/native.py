@@ -33,8 +33,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pq_select_f32.restype = ctypes.c_int
     lib.pq_select_f32.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr] + [_i64] * 7 + [_f32, _ptr]
     lib.sparse_attention_f32.restype = ctypes.c_int
-    lib.sparse_attention_f32.argtypes = ([_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr,
-                                          _ptr] + [_i64] * 5 + [_f32, _ptr])
+    lib.sparse_attention_f32.argtypes = ([_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr,
+                                          ctypes.c_int, _ptr, _ptr] + [_i64] * 8 + [_f32, _ptr])
     lib.pq_encode_f32.restype = ctypes.c_int
     lib.pq_encode_f32.argtypes = [_ptr, _i64, _i64, _ptr] + [_i64] * 5 + [_ptr]
     lib.kmeans_step_f32.restype = ctypes.c_int
@@ -77,6 +77,39 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+_LIB = torch.library.Library("pqflex", "FRAGMENT")  # noqa: TOR901  (the CPU kernels of ops defined elsewhere)
+
+
+class _NoGradient(torch.autograd.Function):
+    """Runs a kernel where autograd records it, with a backward that raises (as a ``custom_op`` without a
+    registered gradient does)."""
+
+    @staticmethod
+    def forward(ctx, op, kernel, *args):
+        ctx.op = op
+        return kernel(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"torch.ops.pqflex.{ctx.op} has no gradient: pqflex's ops are inference-only")
+
+
+def register_cpu(op: str, kernel) -> None:
+    """Register ``kernel`` as the CPU implementation of ``torch.ops.pqflex.<op>``, at the ``CPU`` and
+    ``AutogradCPU`` dispatch keys. A CPU call then goes from the dispatcher straight to ``kernel``, not through
+    ``torch.library.custom_op``'s Python autograd and aliasing layers (about 10 us a call; a decode step makes three
+    per layer). Where autograd would record the call (grad mode on, an input requiring grad) it does, and a
+    backward through it raises, as before."""
+
+    def autograd_kernel(*args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return _NoGradient.apply(op, kernel, *args)
+        return kernel(*args)
+
+    _LIB.impl(op, kernel, "CPU")
+    _LIB.impl(op, autograd_kernel, "AutogradCPU")
+
+
 def _p(t: torch.Tensor) -> int:
     return t.data_ptr()
 
@@ -96,36 +129,40 @@ def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi:
               k_max: int, scale: float) -> torch.Tensor:
     """:func:`pqflex.ops.portable.pq_select` in one pass (fp32 ``ip_table``; checked by the caller)."""
     B, Hkv, G, M, ksub = ip_table.shape
-    if ksub < 256 and codes.numel() and int(codes.max()) >= ksub:  # the C reads the table unchecked
-        raise IndexError(f"pq_select: a code is {int(codes.max())}, out of range for ksub={ksub}")
-    table = ip_table.contiguous()
-    codes = _rowwise(codes)
-    lo, hi, topk = (t.to(torch.int64).contiguous() for t in (lo, hi, topk))
+    table, codes = ip_table.contiguous(), _rowwise(codes)
+    lo, hi, topk = lo.to(torch.int64).contiguous(), hi.to(torch.int64).contiguous(), topk.to(torch.int64).contiguous()
     out = torch.empty(B, Hkv, k_max, dtype=torch.int32)
     rc = library().pq_select_f32(_p(table), _p(codes), *codes.stride()[:3], _p(lo), _p(hi), _p(topk), B, Hkv, G, M,
                                  ksub, codes.shape[2], k_max, scale, _p(out))
+    if rc == 2:
+        raise IndexError(f"pq_select: a candidate's code is out of range for ksub={ksub}")
     if rc != 0:
         raise MemoryError(f"pq_select: out of memory for {codes.shape[2]} tokens")
     return out
 
 
 def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
-                            valid: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """:func:`pqflex.ops.portable.sparse_decode_attention` by index, no gathered copy (fp32; checked by the
-    caller)."""
+                            valid: torch.Tensor | None, scale: float, spans: torch.Tensor | None = None,
+                            n: torch.Tensor | None = None, sink: int = 0, recent: int = 0) -> torch.Tensor:
+    """:func:`pqflex.ops.portable.sparse_decode_attention` by index, no gathered copy and no token list built (fp32;
+    checked by the caller)."""
     B, H, _, D = query.shape
-    _, Hkv, T = idx.shape
+    _, Hkv, W = idx.shape
     query, key, value = _rowwise(query), _rowwise(key), _rowwise(value)
-    idx = idx.to(torch.int64).contiguous()
-    if int(idx.min()) < 0 or int(idx.max()) >= key.shape[2]:  # the C reads rows unchecked; the reference raises
-        raise IndexError(f"sparse_decode_attention: idx holds positions outside [0, {key.shape[2]})")
+    idx = idx.contiguous() if idx.dtype in (torch.int32, torch.int64) else idx.to(torch.int64).contiguous()
     valid = None if valid is None else valid.contiguous()  # bool: one byte per slot
+    spans = None if spans is None else spans.to(torch.int64).contiguous()
+    filled = key.shape[2] if n is None else int(n)  # a CPU tensor: no device sync
     out = torch.empty(B, H, 1, D, dtype=torch.float32)
     rc = library().sparse_attention_f32(_p(query), query.stride(0), query.stride(1), _p(key), *key.stride()[:3],
-                                        _p(value), *value.stride()[:3], _p(idx),
-                                        None if valid is None else _p(valid), B, Hkv, H // Hkv, T, D, scale, _p(out))
+                                        _p(value), *value.stride()[:3], key.shape[2], _p(idx),
+                                        int(idx.dtype == torch.int32), None if valid is None else _p(valid),
+                                        None if spans is None else _p(spans), filled, sink, recent, B, Hkv, H // Hkv,
+                                        W, D, scale, _p(out))
+    if rc == 2:
+        raise IndexError(f"sparse_decode_attention: idx holds positions outside [0, {key.shape[2]})")
     if rc != 0:
-        raise MemoryError(f"sparse_decode_attention: out of memory for {T} tokens")
+        raise MemoryError(f"sparse_decode_attention: out of memory for {sink + W + recent} tokens")
     return out
 
 

@@ -174,8 +174,8 @@ def compute_ip_table(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
         ``ip_table [..., R, M, ksub]`` fp32 with ``ip_table[..., r, m, c] = q[r, m] . centroids[m, c]``.
     """
     M, _, dsub = centroids.shape[-3:]
-    q = query.float().unflatten(-1, (M, dsub))  # [..., R, M, dsub]
-    return torch.einsum("...rmd,...mkd->...rmk", q, centroids.float())
+    q = query.float().unflatten(-1, (M, dsub)).transpose(-2, -3)  # [..., M, R, dsub]
+    return torch.matmul(q, centroids.float().transpose(-1, -2)).transpose(-2, -3)  # one batched GEMM per sub-space
 
 
 def adc_scores(ip_table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -309,34 +309,77 @@ def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+def decode_token_list(selected: torch.Tensor, start: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor,
+                      n: torch.Tensor | int, sink_max: int, recent_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions attended by the query at position ``n - 1`` of each sequence, and which of them are real.
+
+    Args:
+        selected: ``[B, Hkv, W]`` int positions of the middle (top-k) slots, ``-1`` for empty slots.
+        start: ``[B]`` first valid position; ``sink``, ``recent``: ``[B]`` budgets.
+        n: tokens cached, the new one included (an int or a 0-d tensor: the same for every sequence).
+        sink_max, recent_max: static widths of the sink and recent parts.
+
+    Returns:
+        ``idx [B, Hkv, sink_max + W + recent_max]`` int64 positions in ``[0, n)`` (0 in empty slots) and ``valid``
+        bool of the same shape: sink ``[start, start + sink)``, the selected slots, recent ``[n - recent, n)`` past
+        the sink (the valid positions are distinct when the selected ones lie between sink and recent).
+    """
+    B, Hkv, _ = selected.shape
+    dev = selected.device
+    start, sink, recent = start[:, None], sink[:, None], recent[:, None]  # [B, 1]
+    sink_pos = start + torch.arange(sink_max, device=dev)  # [B, sink_max]
+    sink_ok = (sink_pos < start + sink) & (sink_pos < n)
+    recent_pos = n - recent_max + torch.arange(recent_max, device=dev)[None, :]  # [1, recent_max]
+    recent_ok = (recent_pos >= n - recent) & (recent_pos >= start + sink) & (recent_pos >= 0)
+    idx = torch.cat([sink_pos[:, None].expand(B, Hkv, sink_max), selected.long(),
+                     recent_pos[:, None].expand(B, Hkv, recent_max)], dim=-1)
+    valid = torch.cat([sink_ok[:, None].expand(B, Hkv, sink_max), selected >= 0,
+                       recent_ok[:, None].expand(B, Hkv, recent_max)], dim=-1)
+    return torch.where(valid, idx, 0), valid  # empty slots read row 0 (in bounds), never attended
+
+
 def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
-                            valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+                            valid: torch.Tensor | None, scale: float, spans: torch.Tensor | None = None,
+                            n: torch.Tensor | None = None, sink: int = 0, recent: int = 0) -> torch.Tensor:
     """Exact attention of one query per sequence over the tokens listed for its KV head, by index.
 
     The ``G = H // Hkv`` query heads of KV head ``h`` attend the keys at ``idx[b, h, t]`` for the slots ``t`` with
-    ``valid[b, h, t]``; the same as :func:`masked_attention` with the token bitmap of the list.
+    ``idx >= 0`` and ``valid[b, h, t]``; the same as :func:`masked_attention` with the token bitmap of the list.
+    With ``spans``, a decode step's whole list without building it: ``sink`` slots before ``idx`` and ``recent``
+    slots after it, as :func:`decode_token_list` places them.
 
     Args:
         query: ``[B, H, 1, D]``.
         key, value: ``[B, Hkv, C, D]`` (``C`` cached tokens or a static buffer's capacity).
-        idx: ``[B, Hkv, T]`` int32 or int64 positions in ``[0, C)``; the valid ones are distinct.
-        valid: ``[B, Hkv, T]`` bool, or None when every listed token is real.
+        idx: ``[B, Hkv, W]`` int32 or int64 positions in ``[0, C)``, negative for an empty slot; the real ones are
+            distinct (and, with ``spans``, between the sink and the recent window).
+        valid: ``[B, Hkv, W]`` bool, or None when every non-negative slot is real.
         scale: softmax scale.
+        spans: ``[B, 3]`` int (start, sink budget, recent budget) of each sequence, or None (no sink or recent
+            slots: ``sink = recent = 0``).
+        n: 0-d int tensor, tokens cached (the new one included); None: ``C``, the keys hold exactly the cache.
+        sink, recent: static widths of the sink and recent parts.
 
     Returns:
         ``[B, H, 1, D]`` in the query dtype; a query whose list has no valid token gets zeros; a NaN or infinite
         query or attended key gives NaN, as SDPA does.
     """
+    if spans is not None:
+        spans = spans.to(idx.device)
+        idx, valid = decode_token_list(torch.where(idx >= 0 if valid is None else valid & (idx >= 0), idx, -1),
+                                       spans[:, 0], spans[:, 1], spans[:, 2], key.shape[2] if n is None else n,
+                                       sink, recent)
+    else:
+        valid = idx >= 0 if valid is None else valid & (idx >= 0)
     B, H, _, D = query.shape
     _, Hkv, T = idx.shape
-    rows = idx.long()[..., None].expand(B, Hkv, T, D)
+    rows = idx.long().clamp(min=0)[..., None].expand(B, Hkv, T, D)
     k = key.gather(2, rows).float()  # [B, Hkv, T, D]
     v = value.gather(2, rows).float()
     q = query.float().reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
     logits = (q @ k.transpose(-1, -2)) * scale  # [B, Hkv, G, T]
-    probs = torch.softmax(logits if valid is None else logits.masked_fill(~valid[:, :, None, :], -math.inf), dim=-1)
-    if valid is not None:  # a row with no valid token (its softmax is all NaN) gets zeros; NaN inputs stay NaN
-        probs = torch.where(valid.any(-1)[:, :, None, None], probs, 0.0)
+    probs = torch.softmax(logits.masked_fill(~valid[:, :, None, :], -math.inf), dim=-1)
+    probs = torch.where(valid.any(-1)[:, :, None, None], probs, 0.0)  # no valid token: zeros (NaN inputs stay NaN)
     return (probs @ v).reshape(B, H, 1, D).to(query.dtype)  # [B, H, 1, D]
 
 

@@ -3,7 +3,10 @@
 Math (matches :func:`pqflex.ops.portable.sparse_decode_attention`, itself :func:`pqflex.ops.portable.
 masked_attention` with the token bitmap of the list): for query head ``g`` of KV head ``h``,
 ``out[g] = sum_t p_t V[idx[t]]`` with ``p = softmax_t(scale * q_g . K[idx[t]])`` over the slots ``t`` with
-``valid[t]``; a query whose list has no valid token gets zeros.
+``valid[t]`` and ``idx[t] >= 0``; a query whose list has no valid token gets zeros. A decode step passes its
+selection without building a token list: ``spans`` (start, sink budget, recent budget per sequence), ``n`` and the
+static widths ``sink`` and ``recent`` put the sink and recent slots around the ``W`` listed ones, and the kernels
+compute those positions themselves (:func:`pqflex.ops.portable.decode_token_list` places them the same way).
 
 The Triton kernel is flash-decoding over the list, with no compact copy of the listed rows: one program per
 (sequence x KV head, split) takes a contiguous slice of the ``T`` slots, loads the ``G`` query heads of the KV head
@@ -40,7 +43,7 @@ PROGRAMS_PER_SM = 3  # default splits: B * Hkv * splits fills the GPU about this
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _check(query, key, value, idx, valid, scale) -> None:
+def _check(query, key, value, idx, valid, scale, spans=None, n=None, sink=0, recent=0) -> None:
     if query.dim() != 4 or key.dim() != 4:
         raise ValueError(f"query must be [B, H, 1, D] and key [B, Hkv, C, D], got {tuple(query.shape)} and "
                          f"{tuple(key.shape)}")
@@ -58,8 +61,19 @@ def _check(query, key, value, idx, valid, scale) -> None:
                         f"{key.dtype} and {value.dtype}")
     if idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"idx must be int32 or int64, got {idx.dtype}")
-    if idx.dim() != 3 or idx.shape[:2] != (B, Hkv) or idx.shape[2] < 1:
-        raise ValueError(f"idx must be [B, Hkv, T] = [{B}, {Hkv}, T >= 1], got {tuple(idx.shape)}")
+    if idx.dim() != 3 or idx.shape[:2] != (B, Hkv):
+        raise ValueError(f"idx must be [B, Hkv, W] = [{B}, {Hkv}, W], got {tuple(idx.shape)}")
+    for name, width in (("sink", sink), ("recent", recent)):
+        if isinstance(width, bool) or not isinstance(width, (int, torch.SymInt)) or width < 0:
+            raise ValueError(f"{name} must be an int >= 0 (slots), got {width!r}")
+    if spans is None and (sink or recent):
+        raise ValueError(f"sink={sink} and recent={recent} slots need spans (start, sink, recent per sequence)")
+    if spans is not None and (spans.shape != (B, 3) or spans.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"spans must be an int tensor [B, 3] = [{B}, 3], got {spans.dtype} {tuple(spans.shape)}")
+    if n is not None and (n.dim() != 0 or n.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"n must be a 0-d int tensor or None, got {n.dtype} {tuple(n.shape)}")
+    if idx.shape[2] + sink + recent < 1:
+        raise ValueError("the list is empty: idx has no slot and sink = recent = 0")
     if valid is not None:
         if valid.dtype != torch.bool:
             raise TypeError(f"valid must be bool or None, got {valid.dtype}")
@@ -67,7 +81,7 @@ def _check(query, key, value, idx, valid, scale) -> None:
             raise ValueError(f"valid {tuple(valid.shape)} must have the shape of idx {tuple(idx.shape)}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
-    tensors = (query, key, value, idx) + (() if valid is None else (valid,))
+    tensors = (query, key, value, idx) + tuple(t for t in (valid, spans, n) if t is not None)
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"sparse_decode_attention inputs must be on one device, got {sorted(map(str, devices))}")
@@ -107,22 +121,36 @@ if triton is not None:
         return c
 
     @triton.jit
-    def _list_block(idx_bh, valid_bh, t0, end, s_i_t, s_m_t, BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr):
-        """Which slots of the block at ``t0`` are real, and their positions (int64; 0 elsewhere)."""
+    def _list_block(idx_bh, valid_bh, t0, end, s_i_t, s_m_t, start, sink_end, recent_lo, n, SINK, W, RECENT,
+                    BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr, HAS_SPANS: tl.constexpr):
+        """Which slots of the block at ``t0`` are real, and their positions (int64; 0 elsewhere). With spans, slot
+        ``t`` is the sink position ``start + t`` (``t < SINK``), listed slot ``t - SINK`` (``< W``), or the recent
+        position ``n - RECENT + t - SINK - W``."""
         t = t0 + tl.arange(0, BLOCK_T)
         ok = t < end
+        j = t - SINK if HAS_SPANS else t  # the listed slot
+        listed = ok & (j >= 0) & (j < W)
+        pos = tl.load(idx_bh + j * s_i_t, mask=listed, other=-1).to(tl.int64)
+        real = listed & (pos >= 0)
         if HAS_VALID:
-            ok = ok & tl.load(valid_bh + t * s_m_t, mask=ok, other=0).to(tl.int1)
-        return ok, tl.load(idx_bh + t * s_i_t, mask=ok, other=0).to(tl.int64)
+            real = real & tl.load(valid_bh + j * s_m_t, mask=listed, other=0).to(tl.int1)
+        if HAS_SPANS:
+            sink_pos = start + t
+            recent_pos = n - RECENT + (j - W)
+            real = real | (ok & (t < SINK) & (sink_pos < sink_end)) | (ok & (j >= W) & (recent_pos >= recent_lo))
+            pos = tl.where(t < SINK, sink_pos, tl.where(j < W, pos, recent_pos))
+        return real, tl.where(real, pos, 0)
 
     @triton.jit
     def _sparse_decode_attention_kernel(
-            q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
-            Hkv, T, D, split_tokens, num_splits, qk_scale,
+            q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, spans_ptr, n_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
+            Hkv, T, D, split_tokens, num_splits, qk_scale, n_keys, SINK, W, RECENT,
             s_q_b, s_q_h, s_k_b, s_k_h, s_k_n, s_v_b, s_v_h, s_v_n, s_i_b, s_i_h, s_i_t, s_m_b, s_m_h, s_m_t,
+            s_sp_b, s_sp_c,
             G: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-            HAS_VALID: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
-        """Online softmax of the G query heads of one KV head over one slice of its listed tokens."""
+            HAS_VALID: tl.constexpr, HAS_SPANS: tl.constexpr, HAS_N: tl.constexpr, SPLIT: tl.constexpr,
+            IEEE: tl.constexpr):
+        """Online softmax of the G query heads of one KV head over one slice of its ``T`` slots."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = (pid // Hkv).to(tl.int64)
@@ -137,14 +165,29 @@ if triton is not None:
         v_bh = v_ptr + b * s_v_b + h * s_v_h
         idx_bh = idx_ptr + b * s_i_b + h * s_i_h
         valid_bh = valid_ptr + b * s_m_b + h * s_m_h
+        if HAS_N:
+            n = tl.load(n_ptr).to(tl.int64)
+        else:
+            n = n_keys.to(tl.int64)
+        if HAS_SPANS:  # the sink [start, sink_end) and the recent window [recent_lo, n) of this sequence
+            start = tl.load(spans_ptr + b * s_sp_b).to(tl.int64)
+            sink_budget = tl.load(spans_ptr + b * s_sp_b + s_sp_c).to(tl.int64)
+            recent_budget = tl.load(spans_ptr + b * s_sp_b + 2 * s_sp_c).to(tl.int64)
+            sink_end = tl.minimum(start + sink_budget, n)
+            recent_lo = tl.maximum(tl.maximum(n - recent_budget, start + sink_budget), 0)
+        else:
+            start = n * 0
+            sink_end = start
+            recent_lo = n
 
         m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)  # running max of the base-2 logits
         l_i = tl.zeros([G_PAD], dtype=tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
-        start = split * split_tokens
-        end = tl.minimum(start + split_tokens, T)
-        for t0 in range(start, end, BLOCK_T):
-            ok, pos = _list_block(idx_bh, valid_bh, t0, end, s_i_t, s_m_t, BLOCK_T, HAS_VALID)  # once for K and V
+        first = split * split_tokens
+        end = tl.minimum(first + split_tokens, T)
+        for t0 in range(first, end, BLOCK_T):
+            ok, pos = _list_block(idx_bh, valid_bh, t0, end, s_i_t, s_m_t, start, sink_end, recent_lo, n, SINK, W,
+                                  RECENT, BLOCK_T, HAS_VALID, HAS_SPANS)  # once for K and V
             kv_ok = ok[:, None] & d_ok[None, :]
             k = tl.load(k_bh + pos[:, None] * s_k_n + d[None, :], mask=kv_ok, other=0.0)  # [BLOCK_T, D_PAD]
             v = tl.load(v_bh + pos[:, None] * s_v_n + d[None, :], mask=kv_ok, other=0.0)
@@ -190,8 +233,9 @@ if triton is not None:
 
 
 def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
-                                   valid: torch.Tensor | None, scale: float, num_splits: int | None = None,
-                                   block_t: int | None = None, num_warps: int = 4,
+                                   valid: torch.Tensor | None, scale: float, spans: torch.Tensor | None = None,
+                                   n: torch.Tensor | None = None, sink: int = 0, recent: int = 0,
+                                   num_splits: int | None = None, block_t: int | None = None, num_warps: int = 4,
                                    num_stages: int = 2) -> torch.Tensor:
     """Launch the Triton kernels (same contract as :func:`pqflex.ops.portable.sparse_decode_attention`).
 
@@ -199,9 +243,10 @@ def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value
     ``num_warps`` and ``num_stages`` are tuning knobs for benchmarks and tests; none of them changes the result
     beyond float rounding.
     """
-    _check(query, key, value, idx, valid, scale)
+    _check(query, key, value, idx, valid, scale, spans, n, sink, recent)
     B, H, _, D = query.shape
-    Hkv, T = idx.shape[1], idx.shape[2]
+    Hkv, W = idx.shape[1], idx.shape[2]
+    T = sink + W + recent
     G = H // Hkv
     if G > MAX_G or D > MAX_D:
         raise ValueError(f"sparse_decode_attention_triton needs G <= {MAX_G} and D <= {MAX_D}, got G={G}, D={D}")
@@ -222,20 +267,22 @@ def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value
     m = torch.empty(B * H * num_splits, dtype=torch.float32, device=query.device)
     l = torch.empty_like(m)
     acc = torch.empty(B * H * num_splits * D, dtype=torch.float32, device=query.device)
-    mask = idx if valid is None else valid  # a placeholder pointer when there is no mask
+    mask = idx if valid is None else valid  # placeholder pointers where there is no mask, no spans, no n
+    spans_t = idx if spans is None else spans
+    n_t = idx if n is None else n
     d_pad = max(16, triton.next_power_of_2(D))
     s_pad = triton.next_power_of_2(num_splits) if concrete else MAX_SPLITS
     split = num_splits > 1 if concrete else True  # one split through the combine kernel is still exact
     launch = torch.library.wrap_triton
     launch(_sparse_decode_attention_kernel)[(B * Hkv, num_splits)](
-        query, key, value, idx, mask, out, m, l, acc,
-        Hkv, T, D, split_tokens, num_splits, float(scale) * math.log2(math.e),
+        query, key, value, idx, mask, spans_t, n_t, out, m, l, acc,
+        Hkv, T, D, split_tokens, num_splits, float(scale) * math.log2(math.e), key.shape[2], sink, W, recent,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), idx.stride(0), idx.stride(1), idx.stride(2),
-        mask.stride(0), mask.stride(1), mask.stride(2),
+        mask.stride(0), mask.stride(1), mask.stride(2), spans_t.stride(0), spans_t.stride(1),
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D_PAD=d_pad, BLOCK_T=block_t,
-        HAS_VALID=valid is not None, SPLIT=split, IEEE=query.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_VALID=valid is not None, HAS_SPANS=spans is not None, HAS_N=n is not None, SPLIT=split,
+        IEEE=query.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     if split:
         launch(_sparse_decode_combine_kernel)[(B * H,)](
             m, l, acc, out, D, num_splits, S_PAD=s_pad, D_PAD=d_pad, num_warps=4 if s_pad <= 64 else 8)
@@ -244,21 +291,24 @@ def sparse_decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value
 
 @torch.library.triton_op("pqflex::sparse_decode_attention", mutates_args=())
 def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
-                            valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+                            valid: torch.Tensor | None, scale: float, spans: torch.Tensor | None = None,
+                            n: torch.Tensor | None = None, sink: int = 0, recent: int = 0) -> torch.Tensor:
     """``torch.ops.pqflex.sparse_decode_attention``: Triton on CUDA (plain torch for G > 16 or D > 256), the native
-    C kernel or plain torch on the CPU. Shapes as :func:`pqflex.ops.portable.sparse_decode_attention`; ``query`` may be any view with a
-    unit last stride (transformers passes ``[B, S, H, D]`` transposed)."""
-    _check(query, key, value, idx, valid, scale)
+    C kernel or plain torch on the CPU. Arguments as :func:`pqflex.ops.portable.sparse_decode_attention`; ``query``
+    may be any view with a unit last stride (transformers passes ``[B, S, H, D]`` transposed)."""
+    _check(query, key, value, idx, valid, scale, spans, n, sink, recent)
     G, D = query.shape[1] // key.shape[1], query.shape[3]
     # The device test also keeps torch.compile on the CPU tracing plain torch instead of Triton kernels.
     if triton is None or query.device.type != "cuda" or G > MAX_G or D > MAX_D:
-        return portable.sparse_decode_attention(query, key, value, idx, valid, scale)
-    return sparse_decode_attention_triton(query, key, value, idx, valid, scale)
+        return portable.sparse_decode_attention(query, key, value, idx, valid, scale, spans, n, sink, recent)
+    return sparse_decode_attention_triton(query, key, value, idx, valid, scale, spans, n, sink, recent)
 
 
-@sparse_decode_attention.register_kernel("cpu")
-def _sparse_decode_attention_cpu(query, key, value, idx, valid, scale):
-    _check(query, key, value, idx, valid, scale)
-    if native.usable(query):  # fp32: read the listed rows by index in C
-        return native.sparse_decode_attention(query, key, value, idx, valid, scale)
-    return portable.sparse_decode_attention(query, key, value, idx, valid, scale)
+def _sparse_decode_attention_cpu(query, key, value, idx, valid, scale, spans=None, n=None, sink=0, recent=0):
+    _check(query, key, value, idx, valid, scale, spans, n, sink, recent)
+    if native.usable(query):  # fp32: read the rows by index in C, the sink and recent ranges from spans
+        return native.sparse_decode_attention(query, key, value, idx, valid, scale, spans, n, sink, recent)
+    return portable.sparse_decode_attention(query, key, value, idx, valid, scale, spans, n, sink, recent)
+
+
+native.register_cpu("sparse_decode_attention", _sparse_decode_attention_cpu)
