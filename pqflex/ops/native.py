@@ -77,39 +77,6 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-_LIB = torch.library.Library("pqflex", "FRAGMENT")  # noqa: TOR901  (the CPU kernels of ops defined elsewhere)
-
-
-class _NoGradient(torch.autograd.Function):
-    """Runs a kernel where autograd records it, with a backward that raises (as a ``custom_op`` without a
-    registered gradient does)."""
-
-    @staticmethod
-    def forward(ctx, op, kernel, *args):
-        ctx.op = op
-        return kernel(*args)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(f"torch.ops.pqflex.{ctx.op} has no gradient: pqflex's ops are inference-only")
-
-
-def register_cpu(op: str, kernel) -> None:
-    """Register ``kernel`` as the CPU implementation of ``torch.ops.pqflex.<op>``, at the ``CPU`` and
-    ``AutogradCPU`` dispatch keys. A CPU call then goes from the dispatcher straight to ``kernel``, not through
-    ``torch.library.custom_op``'s Python autograd and aliasing layers (about 10 us a call; a decode step makes three
-    per layer). Where autograd would record the call (grad mode on, an input requiring grad) it does, and a
-    backward through it raises, as before."""
-
-    def autograd_kernel(*args):
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return _NoGradient.apply(op, kernel, *args)
-        return kernel(*args)
-
-    _LIB.impl(op, kernel, "CPU")
-    _LIB.impl(op, autograd_kernel, "AutogradCPU")
-
-
 def _p(t: torch.Tensor) -> int:
     return t.data_ptr()
 

@@ -576,11 +576,9 @@ def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi:
     return pq_select_triton(ip_table, codes, lo, hi, topk, k_max, scale)
 
 
+@pq_select.register_kernel("cpu")
 def _pq_select_cpu(ip_table, codes, lo, hi, topk, k_max, scale):
     _check(ip_table, codes, lo, hi, topk, k_max)
     if native.usable(ip_table):  # one pass in C (fp32 tables, which compute_ip_table gives)
         return native.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)
     return portable.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)
-
-
-native.register_cpu("pq_select", _pq_select_cpu)
