@@ -127,18 +127,19 @@ def _spy_attended():
     from pqflex import kvstore
 
     counts = []
-    token_list, masked = pq_index.decode_token_list, kvstore.masked_attention
+    plan, masked = pq_index.PQIndex.plan, kvstore.masked_attention
 
-    def spy_list(*args):
-        idx, valid = token_list(*args)
-        counts.append(valid.sum(-1).flatten())
-        return idx, valid
+    def spy_plan(self, *args, **kwargs):
+        selection = plan(self, *args, **kwargs)
+        if selection.middle is not None:  # a token list (a mask is counted where it is attended)
+            counts.append(selection.token_list()[1].sum(-1).flatten())
+        return selection
 
     def spy_masked(query, key, value, attend, scale):
         counts.append(attend.sum(-1).flatten())
         return masked(query, key, value, attend, scale)
 
-    return counts, (mock.patch.object(pq_index, "decode_token_list", spy_list),
+    return counts, (mock.patch.object(pq_index.PQIndex, "plan", spy_plan),
                     mock.patch.object(kvstore, "masked_attention", spy_masked))
 
 

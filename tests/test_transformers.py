@@ -83,18 +83,19 @@ def test_budget_covering_context_is_token_identical_to_sdpa(arch):
 
 
 def _spy_plan():
-    """Counts the tokens each decode step attends per sequence and KV head (its token list)."""
+    """Counts the tokens each decode step attends per sequence and KV head (its planned token list)."""
     counts = []
-    original = pq_index.decode_token_list
+    original = pq_index.PQIndex.plan
 
-    def token_list(*args):
-        idx, valid = original(*args)
-        counts.append(valid.sum(-1))  # [B, Hkv]
-        return idx, valid
+    def plan(self, *args, **kwargs):
+        selection = original(self, *args, **kwargs)
+        if selection.middle is not None:
+            counts.append(selection.token_list()[1].sum(-1))  # [B, Hkv]
+        return selection
 
     @contextlib.contextmanager
     def spy():
-        with mock.patch.object(pq_index, "decode_token_list", token_list):
+        with mock.patch.object(pq_index.PQIndex, "plan", plan):
             yield
 
     return counts, spy()
