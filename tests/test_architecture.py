@@ -27,8 +27,8 @@ def test_every_named_symbol_exists():
     """``file.py:Symbol`` names, and the classes and functions the decode-step picture calls."""
     pairs = re.findall(r"`(\w+)\.py:(\w+)`", PAGE)
     pairs += [("layer", "PQLayer.step"), ("layer", "PQCacheState.forward"), ("index", "PQIndex.append"),
-              ("index", "PQIndex.plan"), ("index", "Selection"), ("index", "decode_token_list"),
-              ("kvstore", "ResidentKV.attend"), ("kvstore", "OffloadedKV.attend"), ("ops.backends", "FusedAttention"),
+              ("index", "PQIndex.plan"), ("index", "Selection"), ("index", "Selection.token_list"),
+              ("ops.portable", "decode_token_list"), ("kvstore", "ResidentKV.attend"), ("kvstore", "OffloadedKV.attend"), ("ops.backends", "FusedAttention"),
               ("ops.backends", "GatherAttention"), ("ops.backends", "FlexAttention"),
               ("ops.backends", "attention_backend"), ("integrations.attention", "pqcache_attention_forward"),
               ("ops.portable", "compute_ip_table"), ("kvstore", "device_view")]
