@@ -65,12 +65,13 @@ def bench_select(n: int, frac: float, gen: torch.Generator) -> dict:
     lo = torch.full((B,), SINK, device=dev)
     hi = torch.full((B,), n - k, device=dev)  # the recent window holds as many tokens as the top-k
     topk = torch.full((B,), k, device=dev)
+    spans = torch.tensor([[0, SINK, k]] * B, device=dev)  # candidates [SINK, n - k), as lo and hi say
 
-    out = torch.ops.pqflex.pq_select(ip_table, codes, lo, hi, topk, k, SCALE)
+    out = torch.ops.pqflex.pq_select(query, pq.centroids, codes, spans, topk, None, k, SCALE)
     check_selection(out, portable.pq_select(ip_table, codes, lo, hi, topk, k, SCALE), ip_table, codes, lo, hi)
 
     def fast():
-        torch.ops.pqflex.pq_select(ip_table, codes, lo, hi, topk, k, SCALE)
+        torch.ops.pqflex.pq_select(query, pq.centroids, codes, spans, topk, None, k, SCALE)
 
     def plain():
         torch_select(ip_table, codes, lo, hi, k)

@@ -24,7 +24,7 @@ import triton
 from benchmarks.bench_ops import torch_select
 from benchmarks.bench_sparse_attention import kernel_breakdown
 from pqflex.ops import portable
-from pqflex.ops.pq_select import pq_select_cells, pq_select_radix, use_cells
+from pqflex.ops.pq_select import pq_select_cells, pq_select_radix, pq_select_triton, use_cells
 from pqflex.quantizer import ProductQuantizer
 
 HKV, G, D, SINK = 8, 4, 128, 32
@@ -111,7 +111,7 @@ def bench(n: int, batch: int, codes: torch.Tensor, ip_table: torch.Tensor, M: in
     topk = torch.full((batch,), k, device="cuda")
     args = (ip_table, codes, lo, hi, topk, k, SCALE)
     row = dict(N=n, B=batch, M=M, nbits=nbits, topk=k)
-    variants = {"op": lambda: torch.ops.pqflex.pq_select(*args), "radix": lambda: pq_select_radix(*args)}
+    variants = {"op": lambda: pq_select_triton(*args), "radix": lambda: pq_select_radix(*args)}
     if M * nbits <= 12:
         variants["cells"] = lambda: pq_select_cells(*args)
     for name, fn in variants.items():

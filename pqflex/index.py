@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pqflex.config import PQConfig
-from pqflex.ops import pq_encode, portable  # noqa: F401  (pq_encode registers torch.ops.pqflex.pq_encode)
-from pqflex.ops.pq_select import pq_select
+from pqflex.ops import pq_encode, pq_select, portable  # noqa: F401  (register torch.ops.pqflex.pq_encode, pq_select)
 from pqflex.ops.portable import decode_token_list
 from pqflex.quantizer import ProductQuantizer
 
@@ -395,16 +394,19 @@ class PQIndex:
         B, H, _, D = query.shape
         Hkv = self.codes.shape[1]
         q = query.reshape(B, Hkv, H // Hkv, D)  # the G query heads of each KV head
-        lo, hi = self.start + self.sink, (n - self.recent).clamp(min=0)
         if self.k_max == 0:  # sink + recent only
             return torch.empty(B, Hkv, 0, dtype=torch.int32, device=query.device)
+        if self.quantizer is not None and self.config.selection == "token":  # scores, range and top-k in one op
+            N = self.num_tokens
+            count = n if torch.is_tensor(n) or n != N else None  # None: the codes hold exactly the cached tokens
+            count = torch.full((), count, device=q.device) if isinstance(count, int) else count
+            return torch.ops.pqflex.pq_select(q, self.quantizer.centroids, self.codes, self.spans, self.topk, count,
+                                              self.k_max, scale)
+        lo, hi = portable.candidate_range(self.spans, n, self.num_tokens)
         if self.config.selection == "block":
             return select_blocks(self.scores(q, scale, key), self.start, lo, hi, self.topk, self.k_max,
                                  self.config.block_size)
-        if self.quantizer is None:
-            return portable.select_from_scores(self.scores(q, scale, key), lo, hi, self.topk, self.k_max)
-        ip_table = portable.compute_ip_table(q, self.quantizer.centroids)  # [B, Hkv, G, M, ksub]
-        return pq_select(ip_table, self.codes, lo, hi, self.topk, self.k_max, scale)
+        return portable.select_from_scores(self.scores(q, scale, key), lo, hi, self.topk, self.k_max)
 
 
     def plan(self, query: torch.Tensor, n: torch.Tensor | int, scale: float,

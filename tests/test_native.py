@@ -12,7 +12,7 @@ from pqflex.index import PQIndex
 from pqflex.layer import PQLayer
 from pqflex.ops import native, portable
 from tests.helpers import clustered_keys, decode
-from tests.test_pq_select import agg_scores, check, make_inputs
+from tests.test_pq_select import agg_scores, check, check_op, make_inputs, make_op_inputs
 from tests.test_sparse_attention import make_inputs as attention_inputs
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the reference serves the CPU")
@@ -137,9 +137,10 @@ def test_the_wheel_ships_the_kernels_and_nothing_compiles_or_writes_at_run_time(
     (1, 1, 4, 2, 6, 5, 0.5),  # fewer tokens than a tile
 ])
 def test_pq_select_matches_reference(B, Hkv, G, M, nbits, N, frac):
-    args = make_inputs(B, Hkv, G, M, nbits, N, frac, device="cpu")
-    out = check(native.pq_select, args)
-    assert torch.equal(torch.ops.pqflex.pq_select(*args), out)  # the op's CPU kernel
+    check(native.pq_select, make_inputs(B, Hkv, G, M, nbits, N, frac, device="cpu"))
+    op, ref = make_op_inputs(B, Hkv, G, M, nbits, N, frac, device="cpu")
+    out = check_op(op, ref, native.pq_select_query)  # the table computed in C
+    assert torch.equal(torch.ops.pqflex.pq_select(*op), out)  # the op's CPU kernel
 
 
 @needs_native

@@ -32,6 +32,29 @@ def make_inputs(B, Hkv, G, M, nbits, N, frac, dtype=torch.float32, seed=0, devic
     return [t.to(device) for t in (ip, codes, lo, hi, topk)] + [k_max, 0.125]
 
 
+def make_op_inputs(B, Hkv, G, M, nbits, N, frac, dtype=torch.float32, seed=0, device=DEVICE, edge_rows=False):
+    """Inputs of the registered op ``(query, centroids, codes, spans, topk, n, k_max, scale)`` and the kernels'
+    inputs it stands for ``(ip_table, codes, lo, hi, topk, k_max, scale)`` (the table ``q . centroids``; spans
+    with ``sink = 0`` put the candidates at ``[lo, hi)``)."""
+    ip, codes, lo, hi, topk, k_max, scale = make_inputs(B, Hkv, G, M, nbits, N, frac, seed=seed, device="cpu",
+                                                        edge_rows=edge_rows)
+    g = torch.Generator().manual_seed(seed + 1)
+    dsub = 4
+    query = torch.randn(B, Hkv, G, M * dsub, generator=g).to(dtype)
+    centroids = torch.randn(B, Hkv, M, 1 << nbits, dsub, generator=g).to(dtype)
+    spans = torch.stack([lo, torch.zeros_like(lo), N - hi], dim=-1)  # start = lo, sink 0, recent N - hi
+    table = portable.compute_ip_table(query.float(), centroids.float())
+    op = [t.to(device) for t in (query, centroids, codes, spans, topk)] + [None, k_max, scale]
+    return op, [t.to(device) for t in (table, codes, lo, hi, topk)] + [k_max, scale]
+
+
+def check_op(op_args, ref_args, fn=None):
+    """``torch.ops.pqflex.pq_select`` (or ``fn``) of ``op_args`` against the reference of the table they give."""
+    out = (fn or torch.ops.pqflex.pq_select)(*op_args)
+    assert_same_selection(out, portable.pq_select(*ref_args), agg_scores(*ref_args[:4], ref_args[6]))
+    return out
+
+
 def agg_scores(ip, codes, lo, hi, scale):
     """The reference's aggregated scores ``[B, Hkv, N]`` (-1 for non-candidates)."""
     N = codes.shape[2]
@@ -115,25 +138,43 @@ def test_topk_one_and_all_candidates():
 
 
 def test_registered_op_cpu_is_native_or_the_reference(monkeypatch):
-    """The CPU kernel: the native C kernel for fp32 tables (tests/test_native.py), the reference otherwise."""
-    args = make_inputs(2, 2, 4, 2, 6, 300, 0.1, device="cpu")
-    check(torch.ops.pqflex.pq_select, args)
-    assert torch.equal(torch.ops.pqflex.pq_select(args[0].double(), *args[1:]), portable.pq_select(*args))
+    """The CPU kernel: one native C call for fp32 (table, range, selection; tests/test_native.py), the reference
+    otherwise."""
+    op, ref = make_op_inputs(2, 2, 4, 2, 6, 300, 0.1, device="cpu", edge_rows=False)
+    check_op(op, ref)
+    check_op([op[0].double(), op[1].double()] + op[2:], ref)
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    assert torch.equal(torch.ops.pqflex.pq_select(*args), portable.pq_select(*args))
+    assert torch.equal(torch.ops.pqflex.pq_select(*op), portable.pq_select(*ref))
+
+
+def test_op_candidates_follow_the_spans_and_n():
+    """Candidates [start + sink, n - recent): n given as a tensor (a fixed-capacity cache) or None (= N)."""
+    op, _ = make_op_inputs(2, 2, 4, 2, 6, 300, 1.0, device="cpu")
+    query, centroids, codes = op[:3]
+    spans = torch.tensor([[3, 4, 10], [0, 2, 250]])
+    topk = torch.tensor([400, 400])
+    for n in (None, torch.tensor(200)):
+        out = torch.ops.pqflex.pq_select(query, centroids, codes, spans, topk, n, 400, 0.125)
+        end = 300 if n is None else 200
+        for b, (lo, hi) in enumerate(((7, end - 10), (2, max(end - 250, 0)))):
+            got = sorted(out[b, 0][out[b, 0] >= 0].tolist())
+            assert got == list(range(lo, max(hi, lo))), (n, b)
 
 
 @pytest.mark.parametrize("bad,exc,match", [
-    (lambda a: a.__setitem__(1, a[1].long()), TypeError, "codes must be uint8"),
-    (lambda a: a.__setitem__(0, a[0][0]), ValueError, "ip_table must be"),
-    (lambda a: a.__setitem__(2, a[2][:1]), ValueError, "lo must be an int tensor of shape"),
-    (lambda a: a.__setitem__(5, 0), ValueError, "k_max must be an int >= 1"),
+    (lambda a: a.__setitem__(2, a[2].long()), TypeError, "codes must be uint8"),
+    (lambda a: a.__setitem__(0, a[0][0]), ValueError, "query must be a float tensor"),
+    (lambda a: a.__setitem__(1, a[1][..., :3]), ValueError, "M \\* dsub"),
+    (lambda a: a.__setitem__(3, a[3][:1]), ValueError, "spans must be an int tensor"),
+    (lambda a: a.__setitem__(4, a[4][:1]), ValueError, "topk must be an int tensor of shape"),
+    (lambda a: a.__setitem__(5, torch.ones(2, dtype=torch.long)), ValueError, "n must be a 0-d int tensor"),
+    (lambda a: a.__setitem__(6, 0), ValueError, "k_max must be an int >= 1"),
 ])
 def test_bad_inputs_raise_before_launch(bad, exc, match):
-    args = make_inputs(2, 2, 4, 2, 6, 300, 0.1, device="cpu")
-    bad(args)
+    op, _ = make_op_inputs(2, 2, 4, 2, 6, 300, 0.1, device="cpu")
+    bad(op)
     with pytest.raises(exc, match=match):
-        pq_select(*args)
+        pq_select(*op)
 
 
 def test_dispatch_rule():
@@ -154,9 +195,9 @@ def test_compiled_op_never_recompiles():
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for seed in (0, 1):
-            args = make_inputs(2, 2, 4, 8, 8, 600, 0.1 + 0.1 * seed, seed=seed)
-            args[5] = 128  # static k_max
-            check(fn, args)
+            op, ref = make_op_inputs(2, 2, 4, 8, 8, 600, 0.1 + 0.1 * seed, seed=seed)
+            op[6] = ref[5] = 128  # static k_max
+            check_op(op, ref, fn)
     torch._dynamo.reset()
 
 
@@ -170,7 +211,7 @@ def test_cuda_grid(B, G, M, nbits):
     candidates and a row without candidates."""
     seed = B * 100 + G * 10 + M + nbits
     args = make_inputs(B, 2, G, M, nbits, 3001, 0.1, seed=seed, edge_rows=B == 3)
-    check(torch.ops.pqflex.pq_select, args)
+    check_op(*make_op_inputs(B, 2, G, M, nbits, 3001, 0.1, seed=seed, edge_rows=B == 3))
     check(pq_select_radix, args)
     if M * nbits <= MAX_CELL_BITS:
         check(pq_select_cells, args)
@@ -180,7 +221,8 @@ def test_cuda_grid(B, G, M, nbits):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("G,M,nbits", [(4, 2, 6), (4, 8, 8), (8, 16, 4)])
 def test_cuda_low_precision_tables(dtype, G, M, nbits):
-    check(torch.ops.pqflex.pq_select, make_inputs(3, 2, G, M, nbits, 3001, 0.1, dtype=dtype, seed=7))
+    check(pq_select_triton, make_inputs(3, 2, G, M, nbits, 3001, 0.1, dtype=dtype, seed=7))
+    check_op(*make_op_inputs(3, 2, G, M, nbits, 3001, 0.1, dtype=dtype, seed=7))
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
  *
  * Same math as the plain-torch implementations, in one pass each instead of a chain of tensor ops:
  *   pq_select_f32          ADC scores from the codes, PQCache's GQA rule, exact top-k (ties to the later token)
+ *   pq_select_query_f32    the same from the query and the centroids (the table computed per KV head)
  *   sparse_attention_f32   attention of the G query heads of a KV head over a sink range, the listed rows (read by
  *                          index) and a recent range
  *   pq_encode_f32          nearest centroid of each sub-vector (ties to the lowest index)
@@ -293,34 +294,66 @@ static void attend_head(const float *q, int64_t qs, const float *key, int64_t ks
     }
 }
 
+/* The k of count candidates (from first) of one KV head into dst [k_max] (-1 past k), from its table [G, M, ksub].
+ * Returns 2, writing nothing, if a candidate's code is >= ksub (it would index past the table), else 0. */
+static int select_one(const float *table, const uint8_t *codes, int64_t csn, int64_t first, int64_t count, int64_t k,
+                      int64_t G, int64_t M, int64_t ksub, int64_t k_max, float scale, Scratch *w, int32_t *dst) {
+    if (ksub < 256)
+        for (int64_t t = first; t < first + count; t++)
+            for (int64_t m = 0; m < M; m++)
+                if (codes[t * csn + m] >= ksub) return 2;
+    select_head(table, codes, csn, first, count, k, G, M, ksub, scale, w, w->rows);
+    for (int64_t j = 0; j < k_max; j++) dst[j] = j < k ? (int32_t)w->rows[j] : -1;
+    return 0;
+}
+
+static int64_t clip(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
 /* ip_table [B, Hkv, G, M, ksub] contiguous; codes [B, Hkv, N, M] with strides (csb, csh, csn);
  * lo, hi, topk [B]; out [B, Hkv, k_max] int32. Returns 0; -1 out of memory; 2 if a candidate's code is >= ksub. */
 EXPORT int pq_select_f32(const float *ip_table, const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn,
                          const int64_t *lo, const int64_t *hi, const int64_t *topk, int64_t B, int64_t Hkv,
                          int64_t G, int64_t M, int64_t ksub, int64_t N, int64_t k_max, float scale, int32_t *out) {
     Scratch w;
+    int rc = 0;
     if (scratch_alloc(&w, G, N, k_max, 0)) return -1;
-    for (int64_t b = 0; b < B; b++) {
-        int64_t first = lo[b] < 0 ? 0 : lo[b], last = hi[b] > N ? N : hi[b];
-        int64_t count = last > first ? last - first : 0;
-        int64_t k = topk[b] < k_max ? topk[b] : k_max;
-        k = k > count ? count : (k < 0 ? 0 : k);
-        for (int64_t h = 0; h < Hkv; h++) {
-            int32_t *dst = out + (b * Hkv + h) * k_max;
-            if (ksub < 256)  /* a code indexes the table: refuse one out of range rather than read past it */
-                for (int64_t t = first; t < first + count; t++)
-                    for (int64_t m = 0; m < M; m++)
-                        if (codes[b * csb + h * csh + t * csn + m] >= ksub) {
-                            scratch_free(&w);
-                            return 2;
-                        }
-            select_head(ip_table + (b * Hkv + h) * G * M * ksub, codes + b * csb + h * csh, csn, first, count, k, G,
-                        M, ksub, scale, &w, w.rows);
-            for (int64_t j = 0; j < k_max; j++) dst[j] = j < k ? (int32_t)w.rows[j] : -1;
+    for (int64_t b = 0; b < B && !rc; b++) {
+        int64_t first = clip(lo[b], 0, N), last = clip(hi[b], 0, N);
+        int64_t count = last > first ? last - first : 0, k = clip(clip(topk[b], 0, k_max), 0, count);
+        for (int64_t h = 0; h < Hkv && !rc; h++)
+            rc = select_one(ip_table + (b * Hkv + h) * G * M * ksub, codes + b * csb + h * csh, csn, first, count,
+                            k, G, M, ksub, k_max, scale, &w, out + (b * Hkv + h) * k_max);
+    }
+    scratch_free(&w);
+    return rc;
+}
+
+/* The same selection from the query: query [B, Hkv, G, D] with strides (qsb, qsh, qsg), centroids [B, Hkv, M, ksub,
+ * dsub] contiguous (the table q_g . centroid of each KV head is computed here), and the candidates of sequence b
+ * [start + sink, n - recent) from spans [B, 3] (start, sink, recent) and n, the tokens cached. */
+EXPORT int pq_select_query_f32(const float *query, int64_t qsb, int64_t qsh, int64_t qsg, const float *centroids,
+                               const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn, const int64_t *spans,
+                               int64_t n, const int64_t *topk, int64_t B, int64_t Hkv, int64_t G, int64_t M,
+                               int64_t ksub, int64_t dsub, int64_t N, int64_t k_max, float scale, int32_t *out) {
+    Scratch w;
+    int rc = 0;
+    if (scratch_alloc(&w, G, N, k_max, G * M * ksub)) return -1;
+    for (int64_t b = 0; b < B && !rc; b++) {
+        int64_t first = clip(spans[3 * b] + spans[3 * b + 1], 0, N), last = clip(n - spans[3 * b + 2], 0, N);
+        int64_t count = last > first ? last - first : 0, k = clip(clip(topk[b], 0, k_max), 0, count);
+        for (int64_t h = 0; h < Hkv && !rc; h++) {
+            const float *q = query + b * qsb + h * qsh, *cent = centroids + (b * Hkv + h) * M * ksub * dsub;
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t c = 0; c < ksub; c++)
+                        w.table[(g * M + m) * ksub + c] = dot(q + g * qsg + m * dsub, cent + (m * ksub + c) * dsub,
+                                                              dsub);
+            rc = select_one(w.table, codes + b * csb + h * csh, csn, first, count, k, G, M, ksub, k_max, scale, &w,
+                            out + (b * Hkv + h) * k_max);
         }
     }
     scratch_free(&w);
-    return 0;
+    return rc;
 }
 
 /* query [B, H, D] with strides (qsb, qsh); key, value [B, Hkv, C, D] with strides (ksb, ksh, ksn) and (vsb, vsh,

@@ -32,6 +32,9 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pq_select_f32.restype = ctypes.c_int
     lib.pq_select_f32.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr] + [_i64] * 7 + [_f32, _ptr]
+    lib.pq_select_query_f32.restype = ctypes.c_int
+    lib.pq_select_query_f32.argtypes = ([_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr]
+                                        + [_i64] * 8 + [_f32, _ptr])
     lib.sparse_attention_f32.restype = ctypes.c_int
     lib.sparse_attention_f32.argtypes = ([_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr,
                                           ctypes.c_int, _ptr, _ptr] + [_i64] * 8 + [_f32, _ptr])
@@ -77,6 +80,42 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+_LIB = torch.library.Library("pqflex", "FRAGMENT")  # noqa: TOR901  (CPU kernels of the ops defined in their files)
+
+
+class _NoGradient(torch.autograd.Function):
+    """Records a kernel call for autograd with a backward that raises, as a ``custom_op`` without a registered
+    gradient does."""
+
+    @staticmethod
+    def forward(ctx, op, *args):
+        ctx.op = op
+        return getattr(torch.ops.pqflex, op)(*args)  # grad mode is off in here: the plain call below
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"torch.ops.pqflex.{ctx.op} has no gradient: pqflex's ops are inference-only")
+
+
+def register_cpu(op: str, kernel) -> None:
+    """Register ``kernel`` as the CPU kernel of ``torch.ops.pqflex.<op>`` (defined by ``torch.library.custom_op``
+    or ``triton_op`` in the op's file) straight at the dispatcher's ``CPU`` key, with a thin ``AutogradCPU`` kernel
+    that continues below autograd. A CPU call then skips ``custom_op``'s Python layers (autograd wrapper, aliasing
+    check, dynamo guard: about 20 µs a call, and a decode step makes three calls a layer). Below autograd the
+    dispatch is unchanged, so fake tensors (``torch.compile``) still reach the op's fake implementation; a call
+    autograd must record (grad mode on, an input requiring grad) is recorded and its backward raises."""
+    overload = getattr(torch.ops.pqflex, op).default
+
+    def autograd_kernel(*args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return _NoGradient.apply(op, *args)
+        with torch._C._AutoDispatchBelowAutograd():  # what custom_op's own autograd kernel does, in C++ only
+            return overload(*args)
+
+    _LIB.impl(op, kernel, "CPU")
+    _LIB.impl(op, autograd_kernel, "AutogradCPU")
+
+
 def _p(t: torch.Tensor) -> int:
     return t.data_ptr()
 
@@ -101,6 +140,25 @@ def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi:
     out = torch.empty(B, Hkv, k_max, dtype=torch.int32)
     rc = library().pq_select_f32(_p(table), _p(codes), *codes.stride()[:3], _p(lo), _p(hi), _p(topk), B, Hkv, G, M,
                                  ksub, codes.shape[2], k_max, scale, _p(out))
+    if rc == 2:
+        raise IndexError(f"pq_select: a candidate's code is out of range for ksub={ksub}")
+    if rc != 0:
+        raise MemoryError(f"pq_select: out of memory for {codes.shape[2]} tokens")
+    return out
+
+
+def pq_select_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, spans: torch.Tensor,
+                    topk: torch.Tensor, n: torch.Tensor | None, k_max: int, scale: float) -> torch.Tensor:
+    """``torch.ops.pqflex.pq_select`` in one C call: the table of ``q . centroids``, the candidate range from
+    ``spans`` and ``n``, the selection (fp32; checked by the caller)."""
+    B, Hkv, G, D = query.shape
+    M, ksub, dsub = centroids.shape[2:]
+    query, codes, centroids = _rowwise(query), _rowwise(codes), centroids.contiguous()
+    spans, topk = spans.to(torch.int64).contiguous(), topk.to(torch.int64).contiguous()
+    out = torch.empty(B, Hkv, k_max, dtype=torch.int32)
+    rc = library().pq_select_query_f32(_p(query), *query.stride()[:3], _p(centroids), _p(codes),
+                                       *codes.stride()[:3], _p(spans), codes.shape[2] if n is None else int(n),
+                                       _p(topk), B, Hkv, G, M, ksub, dsub, codes.shape[2], k_max, scale, _p(out))
     if rc == 2:
         raise IndexError(f"pq_select: a candidate's code is out of range for ksub={ksub}")
     if rc != 0:

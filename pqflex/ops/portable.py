@@ -268,6 +268,15 @@ def select_from_scores(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     return torch.where(valid, indices, -1)[:, :, 0].to(torch.int32)
 
 
+def candidate_range(spans: torch.Tensor, n: torch.Tensor | int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The middle (candidate) tokens ``[lo, hi)`` of each sequence: after its sink, before its recent window.
+
+    ``spans [B, 3]`` holds (start, sink budget, recent budget) per sequence; ``n`` the tokens cached (an int or a
+    0-d tensor; None: ``N``). Returns ``lo = start + sink`` and ``hi = max(n - recent, 0)``, ``[B]`` int64.
+    """
+    return spans[:, 0] + spans[:, 1], ((N if n is None else n) - spans[:, 2]).clamp(min=0)
+
+
 def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
               topk: torch.Tensor, k_max: int, scale: float) -> torch.Tensor:
     """GQA-aggregated ADC scores of the middle tokens and their exact top-k (``pqflex.ops.pq_select``'s math).

@@ -92,13 +92,15 @@ def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 NATIVE_MAX_POINTS = 64  # beyond this many vectors per problem (prefill), the reference's matmuls are faster
 
 
-@pq_encode.register_kernel("cpu")
 def _pq_encode_cpu(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     _check(x, centroids)
     # A decode step's new keys: one C pass instead of the chunked matmul. Non-finite keys keep the reference's
     # arithmetic (its ||c||^2 - 2 x.c distances), so that their codes match it exactly.
     codes = native.pq_encode(x, centroids) if encodes_natively(x, centroids) else None
     return portable.pq_encode(x, centroids) if codes is None else codes
+
+
+native.register_cpu("pq_encode", _pq_encode_cpu)
 
 
 def encodes_natively(x: torch.Tensor, centroids: torch.Tensor) -> bool:

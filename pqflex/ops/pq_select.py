@@ -565,20 +565,61 @@ def pq_select_triton(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tens
     return pq_select_radix(ip_table, codes, lo, hi, topk, k_max, scale)
 
 
+def _check_op(query, centroids, codes, spans, topk, n, k_max) -> None:
+    if query.dim() != 4 or not query.is_floating_point():
+        raise ValueError(f"query must be a float tensor [B, Hkv, G, D], got {query.dtype} {tuple(query.shape)}")
+    B, Hkv, G, D = query.shape
+    if centroids.dim() != 5 or centroids.shape[:2] != (B, Hkv) or not centroids.is_floating_point():
+        raise ValueError(f"centroids must be a float tensor [B, Hkv, M, ksub, dsub] = [{B}, {Hkv}, ...], got "
+                         f"{centroids.dtype} {tuple(centroids.shape)}")
+    M, ksub, dsub = centroids.shape[2:]
+    if M * dsub != D:
+        raise ValueError(f"query head dim {D} != M * dsub = {M} * {dsub} of the centroids")
+    if ksub & (ksub - 1) or not 2 <= ksub <= 256:
+        raise ValueError(f"centroids ksub={ksub} must be a power of two in [2, 256]")
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {codes.dtype}")
+    if codes.dim() != 4 or codes.shape[:2] != (B, Hkv) or codes.shape[3] != M:
+        raise ValueError(f"codes must be [B, Hkv, N, M] = [{B}, {Hkv}, N, {M}], got {tuple(codes.shape)}")
+    if spans.shape != (B, 3) or spans.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"spans must be an int tensor [B, 3] = [{B}, 3], got {spans.dtype} {tuple(spans.shape)}")
+    if topk.shape != (B,) or topk.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk must be an int tensor of shape ({B},), got {topk.dtype} {tuple(topk.shape)}")
+    if n is not None and (n.dim() != 0 or n.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"n must be a 0-d int tensor or None, got {n.dtype} {tuple(n.shape)}")
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, torch.SymInt)) or k_max < 1:  # symbolic when compiled
+        raise ValueError(f"k_max must be an int >= 1, got {k_max!r}")
+    devices = {t.device for t in (query, centroids, codes, spans, topk) + (() if n is None else (n,))}
+    if len(devices) != 1:
+        raise ValueError(f"pq_select inputs must be on one device, got {sorted(map(str, devices))}")
+
+
 @torch.library.triton_op("pqflex::pq_select", mutates_args=())
-def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-              topk: torch.Tensor, k_max: int, scale: float) -> torch.Tensor:
-    """``torch.ops.pqflex.pq_select``: Triton on CUDA, the native C kernel or plain torch on the CPU."""
-    _check(ip_table, codes, lo, hi, topk, k_max)
+def pq_select(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, spans: torch.Tensor,
+              topk: torch.Tensor, n: torch.Tensor | None, k_max: int, scale: float) -> torch.Tensor:
+    """``torch.ops.pqflex.pq_select``: the top-k middle tokens of a decode step from the query itself.
+
+    ``query [B, Hkv, G, D]`` (the G query heads of each KV head), ``centroids [B, Hkv, M, ksub, dsub]``, ``codes
+    [B, Hkv, N, M]``, ``spans [B, 3]`` (start, sink, recent budgets), ``topk [B]``, ``n`` the tokens cached (a 0-d
+    tensor; None: ``N``): :func:`pqflex.ops.portable.pq_select` of the table ``q . centroids`` over the candidates
+    :func:`pqflex.ops.portable.candidate_range`. Triton on CUDA (the table and the range are traced with the
+    kernels), the native C kernel on the CPU (table, range and selection in one call), plain torch elsewhere.
+    """
+    _check_op(query, centroids, codes, spans, topk, n, k_max)
+    ip_table = portable.compute_ip_table(query, centroids)  # [B, Hkv, G, M, ksub]
+    lo, hi = portable.candidate_range(spans, n, codes.shape[2])
     # The device test also keeps torch.compile on the CPU tracing plain torch instead of Triton kernels.
     if triton is None or codes.device.type != "cuda":
         return portable.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)
     return pq_select_triton(ip_table, codes, lo, hi, topk, k_max, scale)
 
 
-@pq_select.register_kernel("cpu")
-def _pq_select_cpu(ip_table, codes, lo, hi, topk, k_max, scale):
-    _check(ip_table, codes, lo, hi, topk, k_max)
-    if native.usable(ip_table):  # one pass in C (fp32 tables, which compute_ip_table gives)
-        return native.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)
-    return portable.pq_select(ip_table, codes, lo, hi, topk, k_max, scale)
+def _pq_select_cpu(query, centroids, codes, spans, topk, n, k_max, scale):
+    _check_op(query, centroids, codes, spans, topk, n, k_max)
+    if native.usable(query, centroids):  # fp32: the table, the range and the selection in one C call
+        return native.pq_select_query(query, centroids, codes, spans, topk, n, k_max, scale)
+    lo, hi = portable.candidate_range(spans, n, codes.shape[2])
+    return portable.pq_select(portable.compute_ip_table(query, centroids), codes, lo, hi, topk, k_max, scale)
+
+
+native.register_cpu("pq_select", _pq_select_cpu)

@@ -304,9 +304,11 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return sparse_decode_attention_triton(query, key, value, idx, valid, scale, spans, n, sink, recent)
 
 
-@sparse_decode_attention.register_kernel("cpu")
 def _sparse_decode_attention_cpu(query, key, value, idx, valid, scale, spans=None, n=None, sink=0, recent=0):
     _check(query, key, value, idx, valid, scale, spans, n, sink, recent)
     if native.usable(query):  # fp32: read the rows by index in C, the sink and recent ranges from spans
         return native.sparse_decode_attention(query, key, value, idx, valid, scale, spans, n, sink, recent)
     return portable.sparse_decode_attention(query, key, value, idx, valid, scale, spans, n, sink, recent)
+
+
+native.register_cpu("sparse_decode_attention", _sparse_decode_attention_cpu)
