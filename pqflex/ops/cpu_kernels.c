@@ -2,7 +2,7 @@
  *
  * Same math as the plain-torch implementations, in one pass each instead of a chain of tensor ops:
  *   pq_select_f32          ADC scores from the codes, PQCache's GQA rule, exact top-k (ties to the later token)
- *   pq_select_query_f32    the same from the query and the centroids (the table computed per KV head)
+ *   pq_select_spans_f32    the same, the candidates of each sequence from its spans (start, sink, recent) and n
  *   sparse_attention_f32   attention of the G query heads of a KV head over a sink range, the listed rows (read by
  *                          index) and a recent range
  *   pq_encode_f32          nearest centroid of each sub-vector (ties to the lowest index)
@@ -328,29 +328,21 @@ EXPORT int pq_select_f32(const float *ip_table, const uint8_t *codes, int64_t cs
     return rc;
 }
 
-/* The same selection from the query: query [B, Hkv, G, D] with strides (qsb, qsh, qsg), centroids [B, Hkv, M, ksub,
- * dsub] contiguous (the table q_g . centroid of each KV head is computed here), and the candidates of sequence b
- * [start + sink, n - recent) from spans [B, 3] (start, sink, recent) and n, the tokens cached. */
-EXPORT int pq_select_query_f32(const float *query, int64_t qsb, int64_t qsh, int64_t qsg, const float *centroids,
-                               const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn, const int64_t *spans,
-                               int64_t n, const int64_t *topk, int64_t B, int64_t Hkv, int64_t G, int64_t M,
-                               int64_t ksub, int64_t dsub, int64_t N, int64_t k_max, float scale, int32_t *out) {
+/* The same selection with the candidates of sequence b at [start + sink, n - recent) from spans [B, 3] (start,
+ * sink, recent) and n, the tokens cached: the decode step's call, with no range computed outside. */
+EXPORT int pq_select_spans_f32(const float *ip_table, const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn,
+                               const int64_t *spans, int64_t n, const int64_t *topk, int64_t B, int64_t Hkv,
+                               int64_t G, int64_t M, int64_t ksub, int64_t N, int64_t k_max, float scale,
+                               int32_t *out) {
     Scratch w;
     int rc = 0;
-    if (scratch_alloc(&w, G, N, k_max, G * M * ksub)) return -1;
+    if (scratch_alloc(&w, G, N, k_max, 0)) return -1;
     for (int64_t b = 0; b < B && !rc; b++) {
         int64_t first = clip(spans[3 * b] + spans[3 * b + 1], 0, N), last = clip(n - spans[3 * b + 2], 0, N);
         int64_t count = last > first ? last - first : 0, k = clip(clip(topk[b], 0, k_max), 0, count);
-        for (int64_t h = 0; h < Hkv && !rc; h++) {
-            const float *q = query + b * qsb + h * qsh, *cent = centroids + (b * Hkv + h) * M * ksub * dsub;
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t m = 0; m < M; m++)
-                    for (int64_t c = 0; c < ksub; c++)
-                        w.table[(g * M + m) * ksub + c] = dot(q + g * qsg + m * dsub, cent + (m * ksub + c) * dsub,
-                                                              dsub);
-            rc = select_one(w.table, codes + b * csb + h * csh, csn, first, count, k, G, M, ksub, k_max, scale, &w,
-                            out + (b * Hkv + h) * k_max);
-        }
+        for (int64_t h = 0; h < Hkv && !rc; h++)
+            rc = select_one(ip_table + (b * Hkv + h) * G * M * ksub, codes + b * csb + h * csh, csn, first, count,
+                            k, G, M, ksub, k_max, scale, &w, out + (b * Hkv + h) * k_max);
     }
     scratch_free(&w);
     return rc;

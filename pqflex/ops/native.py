@@ -32,9 +32,8 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pq_select_f32.restype = ctypes.c_int
     lib.pq_select_f32.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr] + [_i64] * 7 + [_f32, _ptr]
-    lib.pq_select_query_f32.restype = ctypes.c_int
-    lib.pq_select_query_f32.argtypes = ([_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr]
-                                        + [_i64] * 8 + [_f32, _ptr])
+    lib.pq_select_spans_f32.restype = ctypes.c_int
+    lib.pq_select_spans_f32.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr] + [_i64] * 7 + [_f32, _ptr]
     lib.sparse_attention_f32.restype = ctypes.c_int
     lib.sparse_attention_f32.argtypes = ([_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr,
                                           ctypes.c_int, _ptr, _ptr] + [_i64] * 8 + [_f32, _ptr])
@@ -149,16 +148,18 @@ def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi:
 
 def pq_select_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, spans: torch.Tensor,
                     topk: torch.Tensor, n: torch.Tensor | None, k_max: int, scale: float) -> torch.Tensor:
-    """``torch.ops.pqflex.pq_select`` in one C call: the table of ``q . centroids``, the candidate range from
-    ``spans`` and ``n``, the selection (fp32; checked by the caller)."""
-    B, Hkv, G, D = query.shape
-    M, ksub, dsub = centroids.shape[2:]
-    query, codes, centroids = _rowwise(query), _rowwise(codes), centroids.contiguous()
+    """``torch.ops.pqflex.pq_select`` on the CPU: the table ``q . centroids`` (one batched matmul, faster than C
+    here), then one C call for the candidate range from ``spans`` and ``n`` and the selection (fp32; checked by the
+    caller)."""
+    B, Hkv, G, _ = query.shape
+    M, ksub = centroids.shape[2:4]
+    table = portable.compute_ip_table(query, centroids).contiguous()  # [B, Hkv, G, M, ksub]
+    codes = _rowwise(codes)
     spans, topk = spans.to(torch.int64).contiguous(), topk.to(torch.int64).contiguous()
     out = torch.empty(B, Hkv, k_max, dtype=torch.int32)
-    rc = library().pq_select_query_f32(_p(query), *query.stride()[:3], _p(centroids), _p(codes),
-                                       *codes.stride()[:3], _p(spans), codes.shape[2] if n is None else int(n),
-                                       _p(topk), B, Hkv, G, M, ksub, dsub, codes.shape[2], k_max, scale, _p(out))
+    rc = library().pq_select_spans_f32(_p(table), _p(codes), *codes.stride()[:3], _p(spans),
+                                       codes.shape[2] if n is None else int(n), _p(topk), B, Hkv, G, M, ksub,
+                                       codes.shape[2], k_max, scale, _p(out))
     if rc == 2:
         raise IndexError(f"pq_select: a candidate's code is out of range for ksub={ksub}")
     if rc != 0:

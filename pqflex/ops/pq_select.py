@@ -603,7 +603,8 @@ def pq_select(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
     [B, Hkv, N, M]``, ``spans [B, 3]`` (start, sink, recent budgets), ``topk [B]``, ``n`` the tokens cached (a 0-d
     tensor; None: ``N``): :func:`pqflex.ops.portable.pq_select` of the table ``q . centroids`` over the candidates
     :func:`pqflex.ops.portable.candidate_range`. Triton on CUDA (the table and the range are traced with the
-    kernels), the native C kernel on the CPU (table, range and selection in one call), plain torch elsewhere.
+    kernels), on the CPU the table by one matmul and the range and selection in one native C call, plain torch
+    elsewhere.
     """
     _check_op(query, centroids, codes, spans, topk, n, k_max)
     ip_table = portable.compute_ip_table(query, centroids)  # [B, Hkv, G, M, ksub]
@@ -616,7 +617,7 @@ def pq_select(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
 
 def _pq_select_cpu(query, centroids, codes, spans, topk, n, k_max, scale):
     _check_op(query, centroids, codes, spans, topk, n, k_max)
-    if native.usable(query, centroids):  # fp32: the table, the range and the selection in one C call
+    if native.usable(query, centroids):  # fp32: the table by one matmul, the range and the selection in C
         return native.pq_select_query(query, centroids, codes, spans, topk, n, k_max, scale)
     lo, hi = portable.candidate_range(spans, n, codes.shape[2])
     return portable.pq_select(portable.compute_ip_table(query, centroids), codes, lo, hi, topk, k_max, scale)
