@@ -7,6 +7,11 @@ head ``g`` of a KV head, ``s_g[n] = scale * sum_m ip_table[g, m, codes[n, m]]``;
 tokens with the largest ``p`` are returned. Among tokens whose scores tie at the k-th score the kernels take any
 (the reference takes the latest); the selected set is otherwise exact.
 
+The registered op ``torch.ops.pqflex.pq_select(query, centroids, codes, spans, topk, n, k_max, scale)`` takes a
+decode step's inputs: it forms ``ip_table = q . centroids`` (one batched matmul) and the candidates
+``[lo, hi) = [start + sink, n - recent)`` of each sequence from its ``spans``, then runs the kernels below
+(:func:`pq_select_triton` and its two paths take the table and the range, as the tests and benchmarks call them).
+
 Two Triton paths, both without a host sync and with static shapes (``torch.compile(fullgraph=True)`` + CUDA
 graphs):
 
