@@ -2,7 +2,6 @@
  *
  * Same math as the plain-torch implementations, in one pass each instead of a chain of tensor ops:
  *   pq_select_f32          ADC scores from the codes, PQCache's GQA rule, exact top-k (ties to the later token)
- *   pq_select_spans_f32    the same, the candidates of each sequence from its spans (start, sink, recent) and n
  *   sparse_attention_f32   attention of the G query heads of a KV head over a sink range, the listed rows (read by
  *                          index) and a recent range
  *   pq_encode_f32          nearest centroid of each sub-vector (ties to the lowest index)
@@ -309,31 +308,12 @@ static int select_one(const float *table, const uint8_t *codes, int64_t csn, int
 
 static int64_t clip(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-/* ip_table [B, Hkv, G, M, ksub] contiguous; codes [B, Hkv, N, M] with strides (csb, csh, csn);
- * lo, hi, topk [B]; out [B, Hkv, k_max] int32. Returns 0; -1 out of memory; 2 if a candidate's code is >= ksub. */
+/* ip_table [B, Hkv, G, M, ksub] contiguous; codes [B, Hkv, N, M] with strides (csb, csh, csn); the candidates of
+ * sequence b are [start + sink, n - recent) from spans [B, 3] (start, sink, recent) and n, the tokens cached; topk
+ * [B]; out [B, Hkv, k_max] int32. Returns 0; -1 out of memory; 2 if a candidate's code is >= ksub. */
 EXPORT int pq_select_f32(const float *ip_table, const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn,
-                         const int64_t *lo, const int64_t *hi, const int64_t *topk, int64_t B, int64_t Hkv,
-                         int64_t G, int64_t M, int64_t ksub, int64_t N, int64_t k_max, float scale, int32_t *out) {
-    Scratch w;
-    int rc = 0;
-    if (scratch_alloc(&w, G, N, k_max, 0)) return -1;
-    for (int64_t b = 0; b < B && !rc; b++) {
-        int64_t first = clip(lo[b], 0, N), last = clip(hi[b], 0, N);
-        int64_t count = last > first ? last - first : 0, k = clip(clip(topk[b], 0, k_max), 0, count);
-        for (int64_t h = 0; h < Hkv && !rc; h++)
-            rc = select_one(ip_table + (b * Hkv + h) * G * M * ksub, codes + b * csb + h * csh, csn, first, count,
-                            k, G, M, ksub, k_max, scale, &w, out + (b * Hkv + h) * k_max);
-    }
-    scratch_free(&w);
-    return rc;
-}
-
-/* The same selection with the candidates of sequence b at [start + sink, n - recent) from spans [B, 3] (start,
- * sink, recent) and n, the tokens cached: the decode step's call, with no range computed outside. */
-EXPORT int pq_select_spans_f32(const float *ip_table, const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn,
-                               const int64_t *spans, int64_t n, const int64_t *topk, int64_t B, int64_t Hkv,
-                               int64_t G, int64_t M, int64_t ksub, int64_t N, int64_t k_max, float scale,
-                               int32_t *out) {
+                         const int64_t *spans, int64_t n, const int64_t *topk, int64_t B, int64_t Hkv, int64_t G,
+                         int64_t M, int64_t ksub, int64_t N, int64_t k_max, float scale, int32_t *out) {
     Scratch w;
     int rc = 0;
     if (scratch_alloc(&w, G, N, k_max, 0)) return -1;
