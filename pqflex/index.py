@@ -397,9 +397,7 @@ class PQIndex:
         if self.k_max == 0:  # sink + recent only
             return torch.empty(B, Hkv, 0, dtype=torch.int32, device=query.device)
         if self.quantizer is not None and self.config.selection == "token":  # scores, range and top-k in one op
-            N = self.num_tokens
-            count = n if torch.is_tensor(n) or n != N else None  # None: the codes hold exactly the cached tokens
-            count = torch.full((), count, device=q.device) if isinstance(count, int) else count
+            count = portable.count_argument(n, self.num_tokens, q.device)
             return torch.ops.pqflex.pq_select(q, self.quantizer.centroids, self.codes, self.spans, self.topk, count,
                                               self.k_max, scale)
         lo, hi = portable.candidate_range(self.spans, n, self.num_tokens)

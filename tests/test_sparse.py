@@ -113,6 +113,9 @@ def test_sparse_decode_attention_refuses_bad_spans():
         op(q, k, k, idx, None, 0.25, torch.zeros(1, 3, dtype=torch.long), None, -1, 0)
     with pytest.raises(IndexError, match="outside"):
         op(q, k, k, torch.full((1, 1, 4), 40, dtype=torch.int32), None, 0.25)
+    spans = torch.tensor([[0, 2, 4]])
+    with pytest.raises(IndexError, match="outside"):  # n past the buffer: recent rows that do not exist
+        op(q, k, k, idx, None, 0.25, spans, torch.tensor(40), 2, 4)
 
 
 def test_flex_block_mask_lists_exactly_the_blocks_with_tokens():

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pqflex.config import ATTENTION_BACKENDS, PQConfig
-from pqflex.ops import sparse_attention  # noqa: F401  (registers torch.ops.pqflex.sparse_decode_attention)
+from pqflex.ops import portable, sparse_attention  # noqa: F401  (registers torch.ops.pqflex.sparse_decode_attention)
 from pqflex.ops.portable import masked_attention  # noqa: F401  (several queries with a token mask each)
 
 FLEX_KV_BLOCK = 128  # FlexAttention KV block size of the sparse decode mask
@@ -38,14 +38,6 @@ def _pack_query(query: torch.Tensor, Hkv: int) -> torch.Tensor:
     return query.reshape(B, Hkv, H // Hkv, D)  # the G query heads of a KV head as query rows
 
 
-def _count(selection, key: torch.Tensor) -> torch.Tensor | None:
-    """The op's ``n``: the selection's 0-d tensor, or None where the keys hold exactly the cached tokens."""
-    n = selection.n
-    if torch.is_tensor(n) or selection.spans is None:
-        return n if torch.is_tensor(n) else None
-    return None if n == key.shape[2] else torch.full((), n, dtype=torch.int64, device=key.device)
-
-
 class FusedAttention:
     """``"fused"``: :func:`torch.ops.pqflex.sparse_decode_attention` over the selection, read by index."""
 
@@ -55,8 +47,9 @@ class FusedAttention:
                  scale: float) -> torch.Tensor:
         """Attention ``[B, H, 1, D]`` of one query per sequence over a decode step's :class:`Selection`."""
         return torch.ops.pqflex.sparse_decode_attention(query, key, value, selection.middle, None, scale,
-                                                        selection.spans, _count(selection, key), selection.sink,
-                                                        selection.recent)
+                                                        selection.spans,
+                                                        portable.count_argument(selection.n, key.shape[2], key.device),
+                                                        selection.sink, selection.recent)
 
 
 class GatherAttention:

@@ -354,11 +354,12 @@ EXPORT int sparse_attention_f32(const float *query, int64_t qsb, int64_t qsh, co
             for (int64_t t = 0; t < W; t++) {
                 int64_t p = idx32 ? ((const int32_t *)idx)[off + t] : ((const int64_t *)idx)[off + t];
                 if (p < 0 || (valid && !valid[off + t])) continue;
-                if (p >= C) rc = 2;
                 w.rows[len++] = p;
             }
             for (int64_t p = n - recent; p < n; p++)
                 if (p >= r0) w.rows[len++] = p;
+            for (int64_t i = 0; i < len; i++)  /* every row, listed or from the spans (n may exceed C) */
+                if (w.rows[i] >= C) rc = 2;
             if (rc) break;
             attend_head(query + b * qsb + h * G * qsh, qsh, key + b * ksb + h * ksh, ksn, value + b * vsb + h * vsh,
                         vsn, w.rows, len, G, D, scale, w.logits, out + (b * Hkv + h) * G * D);

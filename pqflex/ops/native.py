@@ -179,7 +179,8 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
                                         None if spans is None else _p(spans), filled, sink, recent, B, Hkv, H // Hkv,
                                         W, D, scale, _p(out))
     if rc == 2:
-        raise IndexError(f"sparse_decode_attention: idx holds positions outside [0, {key.shape[2]})")
+        raise IndexError(f"sparse_decode_attention: a row to attend is outside [0, {key.shape[2]}) (a listed "
+                         f"position, or a recent one of n={filled})")
     if rc != 0:
         raise MemoryError(f"sparse_decode_attention: out of memory for {sink + W + recent} tokens")
     return out

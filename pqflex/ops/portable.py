@@ -268,6 +268,14 @@ def select_from_scores(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     return torch.where(valid, indices, -1)[:, :, 0].to(torch.int32)
 
 
+def count_argument(n: torch.Tensor | int, rows: int, device: torch.device) -> torch.Tensor | None:
+    """The ``n`` argument of the decode ops: a 0-d tensor as given, None where ``n`` equals ``rows`` (the tensors
+    hold exactly the cached tokens), else a 0-d tensor of it on ``device``."""
+    if torch.is_tensor(n):
+        return n
+    return None if n == rows else torch.full((), n, dtype=torch.int64, device=device)
+
+
 def candidate_range(spans: torch.Tensor, n: torch.Tensor | int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The middle (candidate) tokens ``[lo, hi)`` of each sequence: after its sink, before its recent window.
 
