@@ -209,6 +209,7 @@ class PQIndex:
         self.config, self.quantizer, self.codes = config, quantizer, codes
         self.start, self.sink, self.recent, self.topk, self.k_max = start, sink, recent, topk, k_max
         self.sink_max, self.recent_max, self.full_lists, self.dense = sink_max, recent_max, full_lists, dense
+        self._rows: torch.Tensor | None = None  # a growing index's code rows with room to append (see append)
         self.spans = torch.stack([start, sink, recent], dim=-1).to(torch.int64)  # [B, 3], what attention reads
 
     @property
@@ -336,7 +337,17 @@ class PQIndex:
             self.codes.index_copy_(2, pos.to(self.codes.device), self._encode(key))
             return
         new = key.new_zeros(*key.shape[:3], 0, dtype=torch.uint8) if self.quantizer is None else self._encode(key)
-        self.codes = torch.cat([self.codes, new], dim=-2)
+        N, S = self.codes.shape[2], key.shape[2]
+        spare = self._rows
+        if spare is None or spare.shape[2] < N + S or spare.shape[:2] != self.codes.shape[:2] \
+                or spare[:, :, :N].data_ptr() != self.codes.data_ptr():
+            # Room for the next steps' codes (a growing cache appends every step): no copy of all the codes per
+            # step. Doubling keeps the copies at O(1) per token; the codes take M bytes per token and KV head.
+            spare = self.codes.new_empty(*self.codes.shape[:2], max(2 * (N + S), 64), self.codes.shape[3])
+            spare[:, :, :N] = self.codes
+            self._rows = spare
+        spare[:, :, N:N + S] = new
+        self.codes = spare[:, :, :N + S]
 
     def _encode(self, key: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, Hkv, S, M]`` of keys ``[B, Hkv, S, D]`` with each head's centroids: the ``pq_encode`` op
@@ -368,8 +379,11 @@ class PQIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the codes and centroids."""
-        return sum(t.numel() * t.element_size() for t in self.buffers()[:2 if self.quantizer is not None else 1])
+        """Bytes held by the codes (with a growing index's room to append) and centroids."""
+        held = self.buffers()[:2 if self.quantizer is not None else 1]
+        if self._rows is not None and self._rows[:, :, :self.num_tokens].data_ptr() == self.codes.data_ptr():
+            held = (self._rows, *held[1:])
+        return sum(t.numel() * t.element_size() for t in held)
 
     def scores(self, query: torch.Tensor, scale: float, key: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled scores ``[B, Hkv, R, N]`` of query rows ``[B, Hkv, R, D]`` against the ``N`` indexed tokens.

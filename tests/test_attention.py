@@ -81,6 +81,30 @@ def test_append_encodes_with_existing_centroids():
         index.append(k[:, :1])
 
 
+
+def test_growing_index_appends_in_place_and_survives_truncate():
+    """A growing index keeps room for the next codes: the decode steps append without copying all codes (one
+    storage across steps, doubling when full), and a truncate (Cache.crop) followed by appends overwrites the dropped
+    rows, giving the codes an index built step by step from scratch has."""
+    _, k, _ = qkv(1, 4, 2, 1, 600, 32)
+    index = PQIndex.build(k[:, :, :200], SPARSE)
+    expected = index.quantizer.encode(k)
+    index.append(k[:, :, 200:201])
+    storage = index.codes.untyped_storage().data_ptr()
+    for t in range(201, 260):
+        index.append(k[:, :, t:t + 1])
+    assert index.codes.untyped_storage().data_ptr() == storage  # no copy per step
+    assert torch.equal(index.codes, expected[:, :, :260])
+    held = index.nbytes
+    index.truncate(230)
+    index.append(k[:, :, 300:320])  # other keys into the dropped rows
+    assert index.num_tokens == 250 and index.nbytes == held
+    assert torch.equal(index.codes[:, :, :230], expected[:, :, :230])
+    assert torch.equal(index.codes[:, :, 230:], expected[:, :, 300:320])
+    index.append(k[:, :, 320:])  # past the room: a larger storage, the same codes
+    assert torch.equal(index.codes, torch.cat([expected[:, :, :230], expected[:, :, 300:]], dim=2))
+    assert index.nbytes > held
+
 def test_left_padded_batch_equals_rows_alone():
     cfg = PQConfig(budget=0.25, sink_size=4, min_context=200, niter=6)
     H, Hkv, S, D = 4, 2, 1, 32

@@ -202,6 +202,20 @@ def test_pq_encode_matches_reference_and_leaves_non_finite_keys_to_it():
     assert torch.equal(torch.ops.pqflex.pq_encode(x, c), portable.pq_encode(x, c))
 
 
+@needs_native
+@pytest.mark.parametrize("dsub,ksub", [(1, 2), (3, 4), (4, 16), (5, 64), (8, 256), (10, 8)])
+def test_pq_encode_of_every_subspace_width_matches_reference(dsub, ksub):
+    """Four centroids at a time in SSE lanes, the rest of the centroids and sub-vector in plain C: the codes of
+    the reference (ties to the lowest index; random floats have no near-ties at this size)."""
+    g = torch.Generator().manual_seed(dsub * 1000 + ksub)
+    x, c = torch.randn(3, 5, 4 * dsub, generator=g), torch.randn(3, 4, ksub, dsub, generator=g)
+    c[0, 0, ksub // 2] = c[0, 0, 0]  # an exact tie: the lower index wins
+    x[0, 0, :dsub] = c[0, 0, 0]
+    codes = native.pq_encode(x, c)
+    assert codes[0, 0, 0] == 0
+    assert torch.equal(codes, portable.pq_encode(x, c))
+
+
 def _index_pair(B, N, budget, capacity=None, start=None):
     """Two identical indexes of clustered keys (one for each path), their K/V and a query."""
     g = torch.Generator().manual_seed(N)

@@ -32,14 +32,14 @@ def make_inputs(B, Hkv, G, M, nbits, N, frac, dtype=torch.float32, seed=0, devic
     return [t.to(device) for t in (ip, codes, lo, hi, topk)] + [k_max, 0.125]
 
 
-def make_op_inputs(B, Hkv, G, M, nbits, N, frac, dtype=torch.float32, seed=0, device=DEVICE, edge_rows=False):
+def make_op_inputs(B, Hkv, G, M, nbits, N, frac, dtype=torch.float32, seed=0, device=DEVICE, edge_rows=False,
+                   dsub=4):
     """Inputs of the registered op ``(query, centroids, codes, spans, topk, n, k_max, scale)`` and the kernels'
     inputs it stands for ``(ip_table, codes, lo, hi, topk, k_max, scale)`` (the table ``q . centroids``; spans
     with ``sink = 0`` put the candidates at ``[lo, hi)``)."""
     ip, codes, lo, hi, topk, k_max, scale = make_inputs(B, Hkv, G, M, nbits, N, frac, seed=seed, device="cpu",
                                                         edge_rows=edge_rows)
     g = torch.Generator().manual_seed(seed + 1)
-    dsub = 4
     query = torch.randn(B, Hkv, G, M * dsub, generator=g).to(dtype)
     centroids = torch.randn(B, Hkv, M, 1 << nbits, dsub, generator=g).to(dtype)
     spans = torch.stack([lo, torch.zeros_like(lo), N - hi], dim=-1)  # start = lo, sink 0, recent N - hi
@@ -145,6 +145,16 @@ def test_registered_op_cpu_is_native_or_the_reference(monkeypatch):
     check_op([op[0].double(), op[1].double()] + op[2:], ref)
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
     assert torch.equal(torch.ops.pqflex.pq_select(*op), portable.pq_select(*ref))
+
+
+@pytest.mark.parametrize("G,M,nbits,dsub", [(1, 8, 8, 8), (3, 8, 8, 8), (4, 2, 1, 3), (2, 4, 2, 5), (8, 16, 4, 4),
+                                            (3, 1, 6, 1), (2, 3, 3, 10)])
+def test_cpu_op_tables_every_setting(G, M, nbits, dsub):
+    """The CPU op computes each KV head's table ``q . centroids`` in C (four centroids a time in SSE lanes, plain C
+    for the rest): the reference's selection for sub-spaces of any width and 2 to 256 centroids; B = 3 adds a
+    topk-0 row, a row asking for more than its candidates and one without candidates."""
+    check_op(*make_op_inputs(3, 2, G, M, nbits, 700, 0.1, seed=G + M + nbits + dsub, device="cpu", edge_rows=True,
+                             dsub=dsub))
 
 
 def test_op_candidates_follow_the_spans_and_n():

@@ -1,7 +1,8 @@
 /* Native CPU kernels of pqflex's decode step (fp32), loaded through ctypes by pqflex/ops/native.py.
  *
  * Same math as the plain-torch implementations, in one pass each instead of a chain of tensor ops:
- *   pq_select_f32          ADC scores from the codes, PQCache's GQA rule, exact top-k (ties to the later token)
+ *   pq_select_f32          the table q . centroids (or a given one), ADC scores from the codes, PQCache's GQA rule,
+ *                          exact top-k (ties to the later token)
  *   sparse_attention_f32   attention of the G query heads of a KV head over a sink range, the listed rows (read by
  *                          index) and a recent range
  *   pq_encode_f32          nearest centroid of each sub-vector (ties to the lowest index)
@@ -308,21 +309,71 @@ static int select_one(const float *table, const uint8_t *codes, int64_t csn, int
 
 static int64_t clip(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-/* ip_table [B, Hkv, G, M, ksub] contiguous; codes [B, Hkv, N, M] with strides (csb, csh, csn); the candidates of
- * sequence b are [start + sink, n - recent) from spans [B, 3] (start, sink, recent) and n, the tokens cached; topk
- * [B]; out [B, Hkv, k_max] int32. Returns 0; -1 out of memory; 2 if a candidate's code is >= ksub. */
-EXPORT int pq_select_f32(const float *ip_table, const uint8_t *codes, int64_t csb, int64_t csh, int64_t csn,
-                         const int64_t *spans, int64_t n, const int64_t *topk, int64_t B, int64_t Hkv, int64_t G,
-                         int64_t M, int64_t ksub, int64_t N, int64_t k_max, float scale, int32_t *out) {
+/* table [G, M, ksub] of q_g . centroid for the G query heads q (rows qsg apart, D = M * dsub) of one KV head and its
+ * centroids [M, ksub, dsub]: four centroids at a time, each dot product summed in four SSE lanes and the four sums
+ * transposed into one vector (one pass over the centroids for all G heads; plain C without SSE2). */
+static void ip_table_head(const float *q, int64_t qsg, const float *cent, int64_t G, int64_t M, int64_t ksub,
+                          int64_t dsub, float *table) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *cm = cent + m * ksub * dsub;
+        int64_t c = 0;
+#ifdef __SSE2__
+        int64_t d4 = dsub & ~(int64_t)3;
+        for (; c + 4 <= ksub; c += 4) {
+            const float *c0 = cm + c * dsub, *c1 = c0 + dsub, *c2 = c1 + dsub, *c3 = c2 + dsub;
+            for (int64_t g = 0; g < G; g++) {
+                const float *qm = q + g * qsg + m * dsub;
+                __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t d = 0; d < d4; d += 4) {
+                    __m128 x = _mm_loadu_ps(qm + d);
+                    a0 = _mm_add_ps(a0, _mm_mul_ps(x, _mm_loadu_ps(c0 + d)));
+                    a1 = _mm_add_ps(a1, _mm_mul_ps(x, _mm_loadu_ps(c1 + d)));
+                    a2 = _mm_add_ps(a2, _mm_mul_ps(x, _mm_loadu_ps(c2 + d)));
+                    a3 = _mm_add_ps(a3, _mm_mul_ps(x, _mm_loadu_ps(c3 + d)));
+                }
+                _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
+                __m128 sum = _mm_add_ps(_mm_add_ps(a0, a1), _mm_add_ps(a2, a3));
+                float out[4];
+                _mm_storeu_ps(out, sum);
+                for (int64_t d = d4; d < dsub; d++) {
+                    out[0] += qm[d] * c0[d];
+                    out[1] += qm[d] * c1[d];
+                    out[2] += qm[d] * c2[d];
+                    out[3] += qm[d] * c3[d];
+                }
+                _mm_storeu_ps(table + (g * M + m) * ksub + c, _mm_loadu_ps(out));
+            }
+        }
+#endif
+        for (; c < ksub; c++)
+            for (int64_t g = 0; g < G; g++)
+                table[(g * M + m) * ksub + c] = dot(q + g * qsg + m * dsub, cm + c * dsub, dsub);
+    }
+}
+
+/* codes [B, Hkv, N, M] with strides (csb, csh, csn); the candidates of sequence b are [start + sink, n - recent)
+ * from spans [B, 3] (start, sink, recent) and n, the tokens cached; topk [B]; out [B, Hkv, k_max] int32. The table
+ * of each KV head is ip_table [B, Hkv, G, M, ksub] (contiguous) when given, else computed here from query [B, Hkv,
+ * G, M * dsub] (strides qsb, qsh, qsg) and centroids [B, Hkv, M, ksub, dsub] (contiguous). Returns 0; -1 out of
+ * memory; 2 if a candidate's code is >= ksub. */
+EXPORT int pq_select_f32(const float *ip_table, const float *query, int64_t qsb, int64_t qsh, int64_t qsg,
+                         const float *centroids, int64_t dsub, const uint8_t *codes, int64_t csb, int64_t csh,
+                         int64_t csn, const int64_t *spans, int64_t n, const int64_t *topk, int64_t B, int64_t Hkv,
+                         int64_t G, int64_t M, int64_t ksub, int64_t N, int64_t k_max, float scale, int32_t *out) {
     Scratch w;
     int rc = 0;
-    if (scratch_alloc(&w, G, N, k_max, 0)) return -1;
+    if (scratch_alloc(&w, G, N, k_max, ip_table ? 0 : G * M * ksub)) return -1;
     for (int64_t b = 0; b < B && !rc; b++) {
         int64_t first = clip(spans[3 * b] + spans[3 * b + 1], 0, N), last = clip(n - spans[3 * b + 2], 0, N);
         int64_t count = last > first ? last - first : 0, k = clip(clip(topk[b], 0, k_max), 0, count);
-        for (int64_t h = 0; h < Hkv && !rc; h++)
-            rc = select_one(ip_table + (b * Hkv + h) * G * M * ksub, codes + b * csb + h * csh, csn, first, count,
-                            k, G, M, ksub, k_max, scale, &w, out + (b * Hkv + h) * k_max);
+        for (int64_t h = 0; h < Hkv && !rc; h++) {
+            const float *table = ip_table ? ip_table + (b * Hkv + h) * G * M * ksub : w.table;
+            if (!ip_table && count > 0)
+                ip_table_head(query + b * qsb + h * qsh, qsg, centroids + (b * Hkv + h) * M * ksub * dsub, G, M,
+                              ksub, dsub, w.table);
+            rc = select_one(table, codes + b * csb + h * csh, csn, first, count, k, G, M, ksub, k_max, scale, &w,
+                            out + (b * Hkv + h) * k_max);
+        }
     }
     scratch_free(&w);
     return rc;
@@ -377,8 +428,39 @@ static int encode_one(const float *v, const float *centroids, int64_t M, int64_t
     for (int64_t m = 0; m < M; m++) {
         const float *x = v + m * dsub, *c = centroids + m * ksub * dsub;
         float best = INFINITY;
-        int64_t arg = 0;
-        for (int64_t j = 0; j < ksub; j++) {
+        int64_t arg = 0, j = 0;
+#ifdef __SSE2__
+        /* Four centroids at a time: each squared distance summed in four SSE lanes, the four sums transposed into
+         * one vector; the scan below then takes them in order (ties to the lowest index). */
+        int64_t d4 = dsub & ~(int64_t)3;
+        for (; j + 4 <= ksub; j += 4) {
+            const float *c0 = c + j * dsub, *c1 = c0 + dsub, *c2 = c1 + dsub, *c3 = c2 + dsub;
+            __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t d = 0; d < d4; d += 4) {
+                __m128 xd = _mm_loadu_ps(x + d), e0 = _mm_sub_ps(xd, _mm_loadu_ps(c0 + d)),
+                       e1 = _mm_sub_ps(xd, _mm_loadu_ps(c1 + d)), e2 = _mm_sub_ps(xd, _mm_loadu_ps(c2 + d)),
+                       e3 = _mm_sub_ps(xd, _mm_loadu_ps(c3 + d));
+                a0 = _mm_add_ps(a0, _mm_mul_ps(e0, e0));
+                a1 = _mm_add_ps(a1, _mm_mul_ps(e1, e1));
+                a2 = _mm_add_ps(a2, _mm_mul_ps(e2, e2));
+                a3 = _mm_add_ps(a3, _mm_mul_ps(e3, e3));
+            }
+            _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
+            float d2[4];
+            _mm_storeu_ps(d2, _mm_add_ps(_mm_add_ps(a0, a1), _mm_add_ps(a2, a3)));
+            for (int64_t d = d4; d < dsub; d++)
+                for (int i = 0; i < 4; i++) {
+                    float e = x[d] - c[(j + i) * dsub + d];
+                    d2[i] += e * e;
+                }
+            for (int i = 0; i < 4; i++)
+                if (d2[i] < best) {
+                    best = d2[i];
+                    arg = j + i;
+                }
+        }
+#endif
+        for (; j < ksub; j++) {
             float d2 = 0.0f;
             for (int64_t d = 0; d < dsub; d++) {
                 float e = x[d] - c[j * dsub + d];

@@ -31,7 +31,8 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pq_select_f32.restype = ctypes.c_int
-    lib.pq_select_f32.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr] + [_i64] * 7 + [_f32, _ptr]
+    lib.pq_select_f32.argtypes = [_ptr, _ptr] + [_i64] * 3 + [_ptr, _i64, _ptr] + [_i64] * 3 + [_ptr, _i64, _ptr] + \
+        [_i64] * 7 + [_f32, _ptr]
     lib.sparse_attention_f32.restype = ctypes.c_int
     lib.sparse_attention_f32.argtypes = ([_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr,
                                           ctypes.c_int, _ptr, _ptr] + [_i64] * 8 + [_f32, _ptr])
@@ -131,28 +132,35 @@ def usable(*tensors: torch.Tensor) -> bool:
 def pq_select(ip_table: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, topk: torch.Tensor,
               k_max: int, scale: float) -> torch.Tensor:
     """:func:`pqflex.ops.portable.pq_select` in one pass (fp32 ``ip_table``; checked by the caller)."""
+    B, Hkv, G, M, ksub = ip_table.shape
     N = codes.shape[2]
     spans = torch.stack([lo.to(torch.int64), torch.zeros_like(lo, dtype=torch.int64), N - hi.to(torch.int64)], -1)
-    return _select(ip_table, codes, spans, N, topk, k_max, scale)  # candidates [lo, hi) as spans with sink 0
+    table = ip_table.contiguous()  # candidates [lo, hi) as spans with sink 0
+    return _select(table, None, None, codes, spans, N, topk, (B, Hkv, G, M, ksub, 0), k_max, scale)
 
 
 def pq_select_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, spans: torch.Tensor,
                     topk: torch.Tensor, n: torch.Tensor | None, k_max: int, scale: float) -> torch.Tensor:
-    """``torch.ops.pqflex.pq_select`` on the CPU: the table ``q . centroids`` (one batched matmul, faster than C
-    here), then one C call for the candidate range from ``spans`` and ``n`` and the selection (fp32; checked by the
-    caller)."""
-    table = portable.compute_ip_table(query, centroids)  # [B, Hkv, G, M, ksub]
-    return _select(table, codes, spans, codes.shape[2] if n is None else int(n), topk, k_max, scale)
+    """``torch.ops.pqflex.pq_select`` on the CPU: one C call for the table ``q . centroids`` of each KV head, the
+    candidate range from ``spans`` and ``n``, and the selection (fp32; checked by the caller)."""
+    B, Hkv, G, _ = query.shape
+    M, ksub, dsub = centroids.shape[2:]
+    return _select(None, _rowwise(query), centroids.contiguous(), codes, spans,
+                   codes.shape[2] if n is None else int(n), topk, (B, Hkv, G, M, ksub, dsub), k_max, scale)
 
 
-def _select(table: torch.Tensor, codes: torch.Tensor, spans: torch.Tensor, n: int, topk: torch.Tensor, k_max: int,
+def _select(table: torch.Tensor | None, query: torch.Tensor | None, centroids: torch.Tensor | None,
+            codes: torch.Tensor, spans: torch.Tensor, n: int, topk: torch.Tensor, dims: tuple, k_max: int,
             scale: float) -> torch.Tensor:
-    B, Hkv, G, M, ksub = table.shape
-    table, codes = table.contiguous(), _rowwise(codes)
+    B, Hkv, G, M, ksub, dsub = dims
+    codes = _rowwise(codes)
     spans, topk = spans.to(torch.int64).contiguous(), topk.to(torch.int64).contiguous()
+    q_strides = (0, 0, 0) if query is None else query.stride()[:3]
     out = torch.empty(B, Hkv, k_max, dtype=torch.int32)
-    rc = library().pq_select_f32(_p(table), _p(codes), *codes.stride()[:3], _p(spans), n, _p(topk), B, Hkv, G, M,
-                                 ksub, codes.shape[2], k_max, scale, _p(out))
+    rc = library().pq_select_f32(None if table is None else _p(table), None if query is None else _p(query),
+                                 *q_strides, None if centroids is None else _p(centroids), dsub, _p(codes),
+                                 *codes.stride()[:3], _p(spans), n, _p(topk), B, Hkv, G, M, ksub, codes.shape[2],
+                                 k_max, scale, _p(out))
     if rc == 2:
         raise IndexError(f"pq_select: a candidate's code is out of range for ksub={ksub}")
     if rc != 0:
