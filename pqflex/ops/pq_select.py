@@ -8,7 +8,7 @@ tokens with the largest ``p`` are returned. Among tokens whose scores tie at the
 (the reference takes the latest); the selected set is otherwise exact.
 
 The registered op ``torch.ops.pqflex.pq_select(query, centroids, codes, spans, topk, n, k_max, scale)`` takes a
-decode step's inputs: it forms ``ip_table = q . centroids`` (one batched matmul) and the candidates
+decode step's inputs: it forms ``ip_table = q . centroids`` (one batched matmul; in C on the CPU) and the candidates
 ``[lo, hi) = [start + sink, n - recent)`` of each sequence from its ``spans``, then runs the kernels below
 (:func:`pq_select_triton` and its two paths take the table and the range, as the tests and benchmarks call them).
 
@@ -608,8 +608,7 @@ def pq_select(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
     [B, Hkv, N, M]``, ``spans [B, 3]`` (start, sink, recent budgets), ``topk [B]``, ``n`` the tokens cached (a 0-d
     tensor; None: ``N``): :func:`pqflex.ops.portable.pq_select` of the table ``q . centroids`` over the candidates
     :func:`pqflex.ops.portable.candidate_range`. Triton on CUDA (the table and the range are traced with the
-    kernels), on the CPU the table by one matmul and the range and selection in one native C call, plain torch
-    elsewhere.
+    kernels), on the CPU the table, the range and the selection in one native C call, plain torch elsewhere.
     """
     _check_op(query, centroids, codes, spans, topk, n, k_max)
     ip_table = portable.compute_ip_table(query, centroids)  # [B, Hkv, G, M, ksub]
@@ -622,7 +621,7 @@ def pq_select(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
 
 def _pq_select_cpu(query, centroids, codes, spans, topk, n, k_max, scale):
     _check_op(query, centroids, codes, spans, topk, n, k_max)
-    if native.usable(query, centroids):  # fp32: the table by one matmul, the range and the selection in C
+    if native.usable(query, centroids):  # fp32: the table, the range and the selection in one C call
         return native.pq_select_query(query, centroids, codes, spans, topk, n, k_max, scale)
     lo, hi = portable.candidate_range(spans, n, codes.shape[2])
     return portable.pq_select(portable.compute_ip_table(query, centroids), codes, lo, hi, topk, k_max, scale)
