@@ -204,3 +204,34 @@ def test_cuda_dense_matches_sdpa():
     q, k, v = (t.cuda() for t in qkv(2, 8, 2, 1, 999, 64, torch.bfloat16))
     out = retrieval_attention(q, k, v, PQConfig(budget=1.0))
     assert_close_rule(out, dense_causal(q, k, v), dense_causal(q.float(), k.float(), v.float()))
+
+
+@pytest.mark.parametrize("backend,kernel", [("fused", "sparse_decode_attention"), ("gather", "range_attention"),
+                                            ("flex", "range_attention")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_decode_step_of_a_fixed_capacity_cache(monkeypatch, backend, kernel, dtype):
+    """A dense step (budget 1.0; a left-padded row, a buffer larger than the cache) attends exactly [start, n):
+    the fused backend through its kernel, the span [start, n) read as a recent window (dense flash-decoding),
+    the backends that would list every token through masked SDPA over the range."""
+    import pqflex.kvstore
+    from pqflex.layer import PQLayer
+    from pqflex.ops import backends
+
+    B, G, Hkv, N, D, C = 2, 4, 2, 300, 32, 340
+    q, k, v = qkv(B, G * Hkv, Hkv, 1, C, D, dtype, seed=3)
+    kv_mask = torch.ones(B, C, dtype=torch.bool)
+    kv_mask[1, :37] = False  # sequence 1 starts at 37
+    layer = PQLayer(PQConfig(budget=1.0, backend=backend), capacity=C)
+    layer.forward(q.expand(B, G * Hkv, N - 1, D), k, v, kv_mask, n=torch.tensor(N - 1))  # the prompt
+    calls = []
+    real_op, real_range = torch.ops.pqflex.sparse_decode_attention, backends.range_attention
+    monkeypatch.setattr(pqflex.kvstore, "range_attention",
+                        lambda *a, **kw: calls.append("range_attention") or real_range(*a, **kw))
+    monkeypatch.setattr(backends.torch.ops.pqflex, "sparse_decode_attention",
+                        lambda *a, **kw: calls.append("sparse_decode_attention") or real_op(*a, **kw), raising=False)
+    out = layer.forward(q, k, v, kv_mask, n=torch.tensor(N))
+    assert calls == [kernel]
+    ref = dense_causal(q.float(), k[:, :, :N].float(), v[:, :, :N].float(), kv_mask[:, :N])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2 if dtype != torch.float32 else 1e-5,
+                               atol=2e-2 if dtype != torch.float32 else 1e-5)

@@ -28,9 +28,15 @@ def test_bench_tiny_preset_runs_every_method(tmp_path, capsys):
         assert r["gen_tpot_ms"] > 0 and r["gen_ttft_s"] > 0  # through model.generate()
     assert [r["budget"] for r in data["results"]] == [0.1, 0.1, 1.0, 1.0, 1.0]
     offload = data["results"][1]
+    for r in data["results"]:  # every row's byte floor at the copy bandwidth measured at the start
+        bytes_ = sum(bench.decode_step_bytes(bench.build_model("tiny", "sdpa", torch.float32, "meta"), r["method"],
+                                             1, 1200, 0.1, {}).values())
+        assert r["step_gb"] == pytest.approx(bytes_ / 1e9)
+        assert r["floor_ms"] == pytest.approx(bytes_ / (float(data["environment"]["copy_GBps"]) * 1e9) * 1e3, rel=0.02)
     assert 0 < offload["kv_gib"] < data["results"][0]["kv_gib"] and 0 <= offload["hit_rate"] <= 1
     printed = capsys.readouterr()
     assert data["environment"]["torch"] and "| tiny | pqcache | 1 | 1 | 1200 |" in printed.out
+    assert "| floor ms |" in printed.out and "copy_GBps=" in printed.out
     assert "attn µs/layer and peak GiB: measured on CUDA only" in printed.out  # why those columns hold "-"
     assert "measuring pqcache, batch 1, context 1200..." in printed.err  # progress while a row runs
     assert "--warmup 1: the first decode steps compile" in printed.err
@@ -243,3 +249,35 @@ def test_the_next_model_loads_after_the_last_ones_weights_are_freed(tmp_path, mo
                  "pqcache,sdpa-static", "--new-tokens", "2", "--warmup", "1", "--no-generate", "--eager",
                  "--no-layer-attention", "--json", str(tmp_path / "b.json")]) == 0
     assert len(layers) == 2 * (7 * 2 + 1)  # two models of 2 layers: 7 Linear each, and the LM head
+
+
+@pytest.mark.parametrize("method,budget,gb", [
+    ("pqcache", 0.1, 16.06 + 1.718 + 0.302),  # weights + sink/top-k/recent rows + codes and centroids
+    ("pqcache", 2048, 16.06 + 0.268 + 0.302),
+    ("sdpa-static", 0.1, 16.06 + 17.18),  # every key and value
+    ("pqflex-dense", 0.1, 16.06 + 17.18),
+])
+def test_byte_floor_of_a_decode_step_at_128k(method, budget, gb):
+    """The bytes a decode step of the Llama-3.1-8B shape must read at 128K (the model built on the meta device):
+    issue #28's floor, ~18.1 GB for pqcache at 1/10 (3.77 ms at the H200's 4.8 TB/s)."""
+    model = bench.build_model("llama-3.1-8b", "sdpa", torch.bfloat16, "meta")
+    parts = bench.decode_step_bytes(model, method, 1, 131072, budget, {})
+    assert parts["weights"] == pytest.approx(16.06e9, rel=1e-3)
+    assert sum(parts.values()) / 1e9 == pytest.approx(gb, rel=2e-3)
+    assert bench.decode_step_bytes(model, method, 4, 131072, budget, {})["kv"] == pytest.approx(4 * parts["kv"])
+
+
+
+def test_bench_rows_at_several_budgets(tmp_path):
+    """``--budget 0.1,600``: a row of each pqcache method at each budget, one of each dense method; the byte floor
+    follows the budget (600 tokens read more keys and values than 1/10 of 1200, fewer than all of them)."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--contexts", "1200", "--new-tokens", "2", "--warmup", "1", "--eager",
+                 "--no-generate", "--budget", "0.1,600", "--methods", "pqcache,pqflex-dense,sdpa",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["budget"]) for r in rows] == [("pqcache", 0.1), ("pqcache", 600), ("pqflex-dense", 1.0),
+                                                          ("sdpa", 1.0)]
+    assert rows[0]["step_gb"] < rows[1]["step_gb"] < rows[2]["step_gb"] == rows[3]["step_gb"]
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "tiny", "--budget", "0.1,0"])  # a bad budget of the list: refused up front

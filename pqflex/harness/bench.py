@@ -5,7 +5,8 @@ Speed does not depend on the weights, so each preset builds its model from a con
 - ``pqcache``: attention ``"pqcache"`` with a :class:`pqflex.PQStaticCache`, decode step compiled;
 - ``pqcache-offload``: the same with ``offload=True``: keys and values in CPU memory, the GPU holding the
   sink, the recent window, the hot-token cache and the PQ state (:class:`pqflex.OffloadedKV`);
-- ``pqflex-dense``: the same machinery with ``budget=1.0`` (every token attended);
+- ``pqflex-dense``: the same machinery with ``budget=1.0``: every token through the fused decode kernel (the span
+  ``[start, n)`` read like a recent window: dense flash-decoding);
 - ``sdpa-static``: transformers' SDPA with its ``StaticCache``, decode step compiled;
 - ``sdpa``: transformers' SDPA with its ``DynamicCache``, eager.
 
@@ -16,6 +17,10 @@ TPOT (median of the timed decode steps after the warm-up steps), the decode atte
 context (a CUDA-graphed micro-benchmark of the method's attention step; dense SDPA for the sdpa methods), peak GPU
 memory, card and versions; and TTFT and TPOT as a user sees them, through ``model.generate()`` with a timestamp at every token (:func:`run_generate`:
 generate compiles the static caches' decode step itself, with CUDA graphs on CUDA).
+
+``--budget 0.1,2048``: a row of each pqcache method at each budget (the dense methods once). Every row carries its
+byte floor (:func:`decode_step_bytes` at :func:`copy_bandwidth`, measured once at the start): no decode step can
+read what it must faster.
 
 What fits: ``--batch`` with ``--prefill-chunk N`` (the prompt in ``N``-token forwards, as ``generate()``'s
 ``prefill_chunk_size``, so a long prompt's activations do not decide the batch) and ``--eager`` (a decode loop
@@ -55,7 +60,8 @@ import torch
 from pqflex.harness.bench_launch import (any_rank, check_same_prompt, check_tp, launch, load_sharded,  # noqa: F401
                                          process_group, rank_threads, stub_checkpoint)
 from pqflex.harness.bench_measure import (COMPILED, DTYPES, METHODS, PQ_METHODS, PRESETS, Result,  # noqa: F401
-                                          build_model, device_and_dtype, free_memory, graph_time_us,
+                                          build_model, copy_bandwidth, decode_step_bytes, device_and_dtype,
+                                          free_memory, graph_time_us,
                                           layer_attention_us, measure, model_config, run_generate, run_method,
                                           shown_budget, _distributed, _rank)
 from pqflex.harness.bench_report import environment, notes, plot, table  # noqa: F401
@@ -86,7 +92,8 @@ def main(args) -> int:
     options = dict(args.pq, selection=args.selection, block_size=args.block_size)
     if args.backend is not None:
         options["backend"] = args.backend
-    PQConfig(**{**options, "budget": args.budget})  # bad settings raise before any work
+    for budget in getattr(args, "budgets", [args.budget]):
+        PQConfig(**{**options, "budget": budget})  # bad settings raise before any work
     world = os.environ.get("WORLD_SIZE")
     if tp > 1 and device == "cpu" and torch.cuda.is_available():
         raise ValueError(f"--tp {tp} runs on the GPUs (transformers' tp_plan='auto' takes the accelerator); "
@@ -116,11 +123,16 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
     if _distributed():
         check_same_prompt(model_config(args.preset).vocab_size, device)
     results, models = [], {}
+    bandwidth = copy_bandwidth(device)  # the byte floor of every row is at this rate
+    env = {**environment(device), "copy_GBps": f"{bandwidth / 1e9:.0f}"}
     if lead:
         print("\n".join(table([]).splitlines()[:2]), flush=True)  # the header once; each row as it is measured
+    budgets = getattr(args, "budgets", [args.budget])
+    runs = [(method, budget) for method in args.methods  # a dense method's row does not depend on the budget
+            for budget in (budgets if method in PQ_METHODS and method != "pqflex-dense" else budgets[:1])]
     for batch in args.batch:
         for context in args.contexts:
-            for method in args.methods:
+            for method, budget in runs:
                 attn = "pqcache" if method in PQ_METHODS else "sdpa"
                 if attn not in models:  # one model per attention implementation, reused across runs
                     models.clear()
@@ -133,13 +145,14 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
                     print(f"measuring {method}, batch {batch}, context {context}...", file=sys.stderr, flush=True)
                 try:
                     with pqflex.tp_inference(models[attn]):  # what the README tells TP users to decode under
-                        r = measure(args, method, batch, context, models[attn], device, dtype, options)
+                        r = measure(args, method, batch, context, models[attn], device, dtype, options, bandwidth,
+                                    budget)
                 except torch.cuda.OutOfMemoryError as e:  # the message says which allocation failed
                     print(f"rank {_rank()}: {method} batch {batch} context {context}: {str(e).splitlines()[0]}",
                           file=sys.stderr, flush=True)
                     r = None
                 if any_rank(r is None, device):  # every rank records the OOM, whichever ranks had it
-                    r = Result(args.preset, method, batch, context, shown_budget(method, args.budget), math.nan,
+                    r = Result(args.preset, method, batch, context, shown_budget(method, budget), math.nan,
                                math.nan, None, None, 0, tp=tp, error="out of memory")
                     free_memory(device)
                 if tp > 1:
@@ -149,7 +162,7 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
                 if not lead:
                     continue
                 print(table([r]).splitlines()[-1], flush=True)
-                data = {"environment": environment(device), "dtype": args.dtype,
+                data = {"environment": env, "dtype": args.dtype,
                         **dataclasses.asdict(PQConfig(**{**options, "budget": args.budget})),
                         "results": [dataclasses.asdict(r) for r in results]}
                 if args.json:  # rewritten after every run, so a long sweep keeps what it measured
@@ -157,7 +170,7 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
                         json.dump(data, f, indent=1)
     if lead:
         print(notes(results, device))
-        print(" ".join(f"{k}={v}" for k, v in environment(device).items()))
+        print(" ".join(f"{k}={v}" for k, v in env.items()))
         if args.plot:
             plot([dataclasses.asdict(r) for r in results], args.plot)
     return results

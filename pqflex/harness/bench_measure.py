@@ -72,6 +72,8 @@ class Result:
     prefill_chunk: int | None = None  # tokens per prefill forward (None: the whole prompt in one)
     compiled: bool | None = None  # the decode loop ran torch.compile'd (False: eager, --eager)
     graphed: bool | None = None  # decode steps replayed from a pqflex.DecodeGraph (--graphed)
+    step_gb: float | None = None  # bytes a decode step must read at least (decode_step_bytes), in GB
+    floor_ms: float | None = None  # step_gb at the device's measured copy bandwidth: no decode step is faster
 
 
 def model_config(preset: str):
@@ -98,6 +100,54 @@ def prompt_ids(vocab: int, batch: int, context: int, device: str, seed: int) -> 
     """Random token ids ``[batch, context]`` from a generator seeded with ``seed`` on ``device``."""
     return torch.randint(0, vocab, (batch, context), device=device,
                          generator=torch.Generator(device=device).manual_seed(seed))
+
+
+def decode_step_bytes(model, method: str, batch: int, context: int, budget, options: dict[str, Any]) -> dict:
+    """The bytes one decode step at ``context`` cached tokens must read at least, by kind: every weight once
+    (``weights``; under tensor parallelism, one rank's share), the keys and values it attends (``kv``: all of them
+    for the dense methods; the budget's sink + top-k + recent rows for pqcache), and the PQ state it scores
+    (``index``: one uint8 code per sub-space of every cached token, each KV head's fp32 centroids). Writes (the new
+    token's key and value, activations) and the logits are left out: they are small beside these."""
+    from pqflex import PQConfig
+
+    cfg = model.config
+    tp = getattr(model, "tp_size", None) or 1
+    layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = model.dtype.itemsize
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / tp
+    heads = layers * batch * hkv / tp  # KV heads of the whole step, one rank's share
+    out = {"weights": weights, "kv": 0.0, "index": 0.0}
+    pq = PQConfig(**{**options, "budget": shown_budget(method, budget)})
+    b = pq.resolve_budget(context)
+    if b.dense:
+        out["kv"] = heads * 2 * context * D * elem
+        return out
+    rows = min(context, b.sink_size + b.topk + b.recent_size)
+    out["kv"] = heads * 2 * rows * D * elem
+    if pq.scorer == "pq":
+        out["index"] = heads * (context * pq.M + (1 << pq.nbits) * D * 4)
+    else:  # the oracle scores every key itself
+        out["index"] = heads * context * D * elem
+    return out
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes a second that a plain copy moves on ``device`` (read plus write, median of ``reps`` copies of
+    ``nbytes``): the bandwidth a decode step's byte floor is computed at (below the card's peak, reached)."""
+    if not device.startswith("cuda"):
+        nbytes = min(nbytes, 1 << 28)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times)
 
 
 def _sync(device: str) -> None:
@@ -342,18 +392,23 @@ def device_and_dtype(args) -> tuple[str, torch.dtype]:
 
 
 def measure(args, method: str, batch: int, context: int, model, device: str, dtype: torch.dtype,
-            options: dict[str, Any]) -> Result:
+            options: dict[str, Any], bandwidth: float | None = None, budget: float | int | None = None) -> Result:
     """One row of the sweep: :func:`run_method`, then (unless switched off) :func:`run_generate` and
-    :func:`layer_attention_us`."""
+    :func:`layer_attention_us`; with ``bandwidth`` (bytes a second, :func:`copy_bandwidth`) the row's byte floor.
+    ``budget``: the pqcache methods' budget (None: ``args.budget``)."""
     chunk = args.prefill_chunk
-    r = run_method(args.preset, method, batch, context, args.budget, args.new_tokens, args.warmup, dtype, device,
+    budget = args.budget if budget is None else budget
+    r = run_method(args.preset, method, batch, context, budget, args.new_tokens, args.warmup, dtype, device,
                    options, model=model, prefill_chunk=chunk, compile=not args.eager, profile=args.profile,
                    graphed=args.graphed)
     if not args.no_generate:
         r.gen_ttft_s, r.gen_tpot_ms = run_generate(model, method, batch, context, args.new_tokens, args.warmup,
                                                    device, prefill_chunk=chunk)
     if device.startswith("cuda") and not args.no_layer_attention and method != "pqcache-offload":
-        r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, args.budget, dtype, options, r.tp)
+        r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, budget, dtype, options, r.tp)
+    step = sum(decode_step_bytes(model, method, batch, context, budget, options).values())
+    r.step_gb = step / 1e9
+    r.floor_ms = None if bandwidth is None else step / bandwidth * 1e3
     return r
 
 

@@ -28,16 +28,16 @@ def environment(device: str) -> dict[str, str]:
 
 
 def table(results: list[Result]) -> str:
-    head = ("| preset | method | tp | batch | context | budget | TTFT s | TPOT ms | generate TTFT s | generate TPOT ms "
-            "| attn µs/layer | peak GiB | KV GiB on device | hot hits |")
-    lines = [head, "|" + "---|" * 14]
+    head = ("| preset | method | tp | batch | context | budget | TTFT s | TPOT ms | floor ms | generate TTFT s "
+            "| generate TPOT ms | attn µs/layer | peak GiB | KV GiB on device | hot hits |")
+    lines = [head, "|" + "---|" * 15]
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
     for r in results:
         oom = "OOM" if r.error == "out of memory" else r.error
-        times = (f"{oom} | {oom} | " if r.error else f"{r.ttft_s:.3f} | {r.tpot_ms:.2f} | ")
+        times = (f"{oom} | {oom} | " if r.error else f"{r.ttft_s:.3f} | {r.tpot_ms:.2f} | ") + f"{fmt(r.floor_ms, '.2f')} | "
         lines.append(f"| {r.preset} | {r.method} | {r.tp} | {r.batch} | {r.context} | {r.budget} | {times}"
                      f"{fmt(r.gen_ttft_s, '.3f')} | {fmt(r.gen_tpot_ms, '.2f')} | "
                      f"{fmt(r.attn_layer_us, '.1f')} | {fmt(r.peak_gib, '.1f')} | {fmt(r.kv_gib, '.2f')} | "
@@ -58,6 +58,9 @@ def notes(results: list[Result], device: str) -> str:
         lines.append("KV GiB on device: the static-cache methods only")
     if any(r.hit_rate is None for r in results):
         lines.append("hot hits: pqcache-offload rows only")
+    if any(r.floor_ms is not None for r in results):
+        lines.append("floor ms: the bytes a decode step must read (every weight once, the attended keys and values, "
+                     "the PQ codes and centroids) at the bandwidth of a plain device copy, copy_GBps below")
     return "\n".join(f"- {line}" for line in lines)
 
 

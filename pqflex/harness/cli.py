@@ -188,7 +188,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     bench = sub.add_parser("bench", help="decode speed (TTFT, TPOT, attention per layer) vs dense attention",
                            description="Random-weight models of real shapes; see pqflex/harness/bench.py and "
                                        "BENCHMARKS.md", formatter_class=fmt)
-    common(bench, budgets=False)
+    common(bench, budgets=True)  # several: a row of each pqcache method at each budget
+    bench.set_defaults(budgets=[0.1])
     bench.add_argument("--preset", default=None, choices=PRESETS,
                        help="model shape (default: llama-3.1-8b on CUDA, smollm2-135m on the CPU)")
     bench.add_argument("--contexts", type=_ints, default=None,
@@ -338,9 +339,7 @@ def _run(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
             print(f"pqflex bench: warning: --warmup {args.warmup}: the first decode steps compile the step (and "
                   "capture CUDA graphs on a GPU), so with fewer than 3 warm-up steps the loop's TPOT includes that "
                   "work; use --warmup 3 or more, or --eager", file=sys.stderr)
-        if len(args.budgets) != 1:
-            sub.error(f"bench takes one --budget, got {len(args.budgets)}")
-        args.budget = args.budgets[0]
+        args.budget = args.budgets[0]  # the JSON header's PQConfig; the rows carry their own budget
         return benchmark.main(args)
     if len(args.budgets) != 1:
         sub.error(f"demo takes one --budget, got {len(args.budgets)}")

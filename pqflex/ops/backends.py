@@ -15,8 +15,10 @@ list for a backend that needs it):
   ``torch.compile``; eager FlexAttention evaluates the mask over every token.
 
 All three are exact attention over the listed tokens (``tests/test_sparse.py`` checks them against masked
-attention). :func:`masked_attention` (plain torch, :mod:`pqflex.ops.portable`) and :func:`range_attention` serve
-what is not a token list: several queries with a mask each, and dense sequences (every token of ``[start, n)``).
+attention). :func:`masked_attention` (plain torch, :mod:`pqflex.ops.portable`) serves several queries with a mask
+each. A dense step (every token of ``[start, n)``) is a span to the fused kernel, which reads it like a recent window
+(dense flash-decoding: each row read once); for the two backends that would list every token, :func:`range_attention`
+attends the range (``reads_spans`` says which).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class FusedAttention:
     """``"fused"``: :func:`torch.ops.pqflex.sparse_decode_attention` over the selection, read by index."""
 
     name = "fused"
+    reads_spans = True  # the kernel reads a span of every token itself: dense steps too (flash-decoding)
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection,
                  scale: float) -> torch.Tensor:
@@ -57,6 +60,7 @@ class GatherAttention:
     lets SDPA take its fast decode kernels)."""
 
     name = "gather"
+    reads_spans = False  # a dense step would list every token: ResidentKV attends the range instead
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection,
                  scale: float) -> torch.Tensor:
@@ -100,6 +104,7 @@ class FlexAttention:
     selection's block size for block selection, so that whole unselected blocks are skipped)."""
 
     name = "flex"
+    reads_spans = False  # a dense step would list every token: ResidentKV attends the range instead
 
     def __init__(self, kv_block: int = FLEX_KV_BLOCK) -> None:
         self.kv_block = kv_block
