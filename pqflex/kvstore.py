@@ -56,7 +56,7 @@ class ResidentKV:
         if selection.mask is not None:  # several queries, a token mask each
             N = selection.mask.shape[-1]
             return masked_attention(query, self.key[:, :, :N], self.value[:, :, :N], selection.mask, scale)
-        if selection.dense and not self.backend.reads_spans:  # no list of every token: masked SDPA over the buffer
+        if selection.dense and not self.backend.reads_spans(query, self.key):  # no list of all: SDPA over the range
             return range_attention(query, self.key, self.value, selection.start, selection.n, scale)
         return self.backend(query, self.key, self.value, selection, scale)
 

@@ -209,28 +209,31 @@ def test_cuda_dense_matches_sdpa():
 @pytest.mark.parametrize("backend,kernel", [("fused", "sparse_decode_attention"), ("gather", "range_attention"),
                                             ("flex", "range_attention")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_decode_step_of_a_fixed_capacity_cache(monkeypatch, backend, kernel, dtype):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_dense_decode_step_of_a_fixed_capacity_cache(monkeypatch, backend, kernel, dtype, device):
     """A dense step (budget 1.0; a left-padded row, a buffer larger than the cache) attends exactly [start, n):
-    the fused backend through its kernel, the span [start, n) read as a recent window (dense flash-decoding),
-    the backends that would list every token through masked SDPA over the range."""
+    the fused backend through its kernel where one reads spans (Triton on CUDA, C for fp32 on the CPU; the span
+    [start, n) read as a recent window: dense flash-decoding), else, as for the backends that would list every
+    token, masked SDPA over the range."""
     import pqflex.kvstore
     from pqflex.layer import PQLayer
     from pqflex.ops import backends
 
     B, G, Hkv, N, D, C = 2, 4, 2, 300, 32, 340
-    q, k, v = qkv(B, G * Hkv, Hkv, 1, C, D, dtype, seed=3)
-    kv_mask = torch.ones(B, C, dtype=torch.bool)
+    q, k, v = (t.to(device) for t in qkv(B, G * Hkv, Hkv, 1, C, D, dtype, seed=3))
+    kv_mask = torch.ones(B, C, dtype=torch.bool, device=device)
     kv_mask[1, :37] = False  # sequence 1 starts at 37
     layer = PQLayer(PQConfig(budget=1.0, backend=backend), capacity=C)
-    layer.forward(q.expand(B, G * Hkv, N - 1, D), k, v, kv_mask, n=torch.tensor(N - 1))  # the prompt
+    layer.forward(q.expand(B, G * Hkv, N - 1, D), k, v, kv_mask, n=torch.tensor(N - 1, device=device))  # prompt
     calls = []
     real_op, real_range = torch.ops.pqflex.sparse_decode_attention, backends.range_attention
     monkeypatch.setattr(pqflex.kvstore, "range_attention",
                         lambda *a, **kw: calls.append("range_attention") or real_range(*a, **kw))
     monkeypatch.setattr(backends.torch.ops.pqflex, "sparse_decode_attention",
                         lambda *a, **kw: calls.append("sparse_decode_attention") or real_op(*a, **kw), raising=False)
-    out = layer.forward(q, k, v, kv_mask, n=torch.tensor(N))
-    assert calls == [kernel]
+    out = layer.forward(q, k, v, kv_mask, n=torch.tensor(N, device=device))
+    spans_read = dtype == torch.float32 or device == "cuda"  # where the fused backend's op runs a kernel
+    assert calls == [kernel if spans_read or backend != "fused" else "range_attention"]
     ref = dense_causal(q.float(), k[:, :, :N].float(), v[:, :, :N].float(), kv_mask[:, :N])
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, rtol=2e-2 if dtype != torch.float32 else 1e-5,

@@ -40,11 +40,26 @@ def _pack_query(query: torch.Tensor, Hkv: int) -> torch.Tensor:
     return query.reshape(B, Hkv, H // Hkv, D)  # the G query heads of a KV head as query rows
 
 
-class FusedAttention:
+class Backend:
+    """What the KV sources ask of every backend besides the call itself."""
+
+    @staticmethod
+    def reads_spans(query: torch.Tensor, key: torch.Tensor) -> bool:
+        """Whether a dense step (one span ``[start, n)`` per sequence) goes to the backend: only where it reads
+        spans without listing every token; else :func:`range_attention` attends the range."""
+        return False
+
+
+class FusedAttention(Backend):
     """``"fused"``: :func:`torch.ops.pqflex.sparse_decode_attention` over the selection, read by index."""
 
     name = "fused"
-    reads_spans = True  # the kernel reads a span of every token itself: dense steps too (flash-decoding)
+
+    @staticmethod
+    def reads_spans(query: torch.Tensor, key: torch.Tensor) -> bool:
+        """Where a kernel reads the spans itself: a dense step is one span, every row read once (dense
+        flash-decoding); plain torch would list every token."""
+        return sparse_attention.reads_spans(query, key)
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection,
                  scale: float) -> torch.Tensor:
@@ -55,12 +70,11 @@ class FusedAttention:
                                                         selection.sink, selection.recent)
 
 
-class GatherAttention:
+class GatherAttention(Backend):
     """``"gather"``: a compact copy of the listed keys and values, then SDPA (unmasked when the list is full, which
     lets SDPA take its fast decode kernels)."""
 
     name = "gather"
-    reads_spans = False  # a dense step would list every token: ResidentKV attends the range instead
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection,
                  scale: float) -> torch.Tensor:
@@ -99,12 +113,11 @@ def flex_block_mask(tokens: torch.Tensor, valid: torch.Tensor, n_queries: int, k
                                     seq_lengths=(n_queries, kv_len), compute_q_blocks=False)
 
 
-class FlexAttention:
+class FlexAttention(Backend):
     """``"flex"``: FlexAttention with a block mask of the list (no copy). ``kv_block``: its KV block size (the
     selection's block size for block selection, so that whole unselected blocks are skipped)."""
 
     name = "flex"
-    reads_spans = False  # a dense step would list every token: ResidentKV attends the range instead
 
     def __init__(self, kv_block: int = FLEX_KV_BLOCK) -> None:
         self.kv_block = kv_block

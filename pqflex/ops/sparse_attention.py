@@ -304,6 +304,16 @@ def sparse_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return sparse_decode_attention_triton(query, key, value, idx, valid, scale, spans, n, sink, recent)
 
 
+def reads_spans(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether a kernel serves the op for these inputs and reads the sink and recent spans itself (the Triton kernel
+    on CUDA, the C kernel for fp32 on the CPU, eager), rather than plain torch, which lists every slot: a dense step
+    then costs what its rows cost."""
+    if query.device.type == "cuda":
+        return triton is not None and query.shape[1] // key.shape[1] <= MAX_G and query.shape[3] <= MAX_D
+    # Compiled on the CPU, the op is traced through its plain-torch body.
+    return query.device.type == "cpu" and not torch.compiler.is_compiling() and native.usable(query)
+
+
 def _sparse_decode_attention_cpu(query, key, value, idx, valid, scale, spans=None, n=None, sink=0, recent=0):
     _check(query, key, value, idx, valid, scale, spans, n, sink, recent)
     if native.usable(query):  # fp32: read the rows by index in C, the sink and recent ranges from spans
