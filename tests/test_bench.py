@@ -1,6 +1,7 @@
 """`pqflex bench` smoke test on the CPU: the tiny preset, every method, JSON and table output; tensor parallelism
 (``--tp``) on two ranks; an out-of-memory error recorded as a row."""
 
+import dataclasses
 import json
 import math
 import os
@@ -281,3 +282,21 @@ def test_bench_rows_at_several_budgets(tmp_path):
     assert rows[0]["step_gb"] < rows[1]["step_gb"] < rows[2]["step_gb"] == rows[3]["step_gb"]
     with pytest.raises(SystemExit):
         main(["bench", "--preset", "tiny", "--budget", "0.1,0"])  # a bad budget of the list: refused up front
+
+
+def test_kernel_breakdown_sorts_the_gpu_time_of_a_step():
+    """GEMMs (cuBLAS, CUTLASS), pqflex's kernels, the rest, and idle: the wall time no kernel covers (two kernels
+    running at once count once)."""
+    kernels = [("nvjet_tst_128x64_64x4_2x1_v_bz_TNT", 0, 400), ("sm90_xmma_gemm_bf16bf16_bf16f32", 400, 600),
+               ("_pq_select_stats_kernel", 650, 700), ("_sparse_decode_attention_kernel", 700, 760),
+               ("triton_poi_fused_add_mul_0", 740, 780),  # overlaps the attention kernel by 20 us
+               ("gemv2T_kernel_val<int, int, __nv_bfloat16>", 1000, 1100)]
+    b = bench_measure.kernel_breakdown(kernels, steps=2, wall_ms=1.5)
+    assert b["gemm_ms"] == pytest.approx((400 + 200 + 100) / 1e3 / 2)
+    assert b["pq_ms"] == pytest.approx(110 / 1e3 / 2) and b["other_ms"] == pytest.approx(40 / 1e3 / 2)
+    busy = (600 - 0) + (780 - 650) + (1100 - 1000)  # the union of the intervals, in us
+    assert b["idle_ms"] == pytest.approx((1500 - busy) / 1e3 / 2)
+    assert b["kernels"] == 3
+    r = bench_measure.Result("tiny", "pqcache", 1, 1200, 0.1, 1.0, 0.8, None, None, 2, breakdown=b)
+    assert "| pqcache | 1 | 1200 | 0.1 | 0.80 | 0.35 | 0.06 | 0.02 |" in bench.breakdown_table([r])
+    assert bench.breakdown_table([dataclasses.replace(r, breakdown=None)]) == ""

@@ -64,7 +64,7 @@ from pqflex.harness.bench_measure import (COMPILED, DTYPES, METHODS, PQ_METHODS,
                                           free_memory, graph_time_us,
                                           layer_attention_us, measure, model_config, run_generate, run_method,
                                           shown_budget, _distributed, _rank)
-from pqflex.harness.bench_report import environment, notes, plot, table  # noqa: F401
+from pqflex.harness.bench_report import breakdown_table, environment, notes, plot, table  # noqa: F401
 
 
 def main(args) -> int:
@@ -80,6 +80,8 @@ def main(args) -> int:
             data = json.load(f)
         results = [Result(**r) for r in data["results"]]
         print(table(results))
+        if breakdown_table(results):
+            print(breakdown_table(results))
         print(" ".join(f"{k}={v}" for k, v in data["environment"].items()))
         if args.plot:
             plot(data["results"], args.plot)
@@ -170,6 +172,8 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
                         json.dump(data, f, indent=1)
     if lead:
         print(notes(results, device))
+        if breakdown_table(results):  # the profiled steps (profiler on, so slower than TPOT): where the GPU went
+            print(breakdown_table(results))
         print(" ".join(f"{k}={v}" for k, v in env.items()))
         if args.plot:
             plot([dataclasses.asdict(r) for r in results], args.plot)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import re
 import statistics
 import time
 from typing import Any
@@ -74,6 +75,7 @@ class Result:
     graphed: bool | None = None  # decode steps replayed from a pqflex.DecodeGraph (--graphed)
     step_gb: float | None = None  # bytes a decode step must read at least (decode_step_bytes), in GB
     floor_ms: float | None = None  # step_gb at the device's measured copy bandwidth: no decode step is faster
+    breakdown: dict[str, float] | None = None  # --profile on CUDA: a step's GPU time by kind (kernel_breakdown)
 
 
 def model_config(preset: str):
@@ -288,21 +290,48 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
             _sync(device)
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
+        breakdown = None
         if profile:
             name = f"{preset}_{method}_b{batch}_n{context}_rank{_rank()}"
-            token = profile_steps(lambda t: decode(t)[:, -1:].argmax(-1), token, tree, device,
-                                  os.path.join(profile, name))
+            token, breakdown = profile_steps(lambda t: decode(t)[:, -1:].argmax(-1), token, tree, device,
+                                             os.path.join(profile, name))
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
     kv, hits = cache_stats(cache)
     return Result(preset, method, batch, context, shown_budget(method, budget), ttft, statistics.median(times) * 1e3,
                   None, peak, len(times), kv_gib=kv, hit_rate=hits, cache_setup_s=setup,
                   tp=getattr(model, "tp_size", None) or 1, prefill_chunk=prefill_chunk, compiled=compiled,
-                  graphed=graphed)
+                  graphed=graphed, breakdown=breakdown)
 
 
-def profile_steps(step, token: torch.Tensor, graphs: bool, device: str, path: str, steps: int = 3) -> torch.Tensor:
+PQ_KERNELS = ("_pq_", "_sparse_decode_", "_offload_gather")  # the Triton kernels of pqflex's ops (name prefixes)
+GEMM_KERNELS = re.compile(r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitkreduce", re.IGNORECASE)  # cuBLAS, CUTLASS
+
+
+def kernel_breakdown(kernels: list[tuple[str, float, float]], steps: int, wall_ms: float) -> dict[str, float]:
+    """Where ``steps`` decode steps that took ``wall_ms`` in all spent the GPU, per step: ``gemm_ms`` (cuBLAS and
+    CUTLASS matmuls), ``pq_ms`` (pqflex's kernels), ``other_ms`` (every other kernel: norms, RoPE, cache writes,
+    inductor's fused elementwise ones), ``idle_ms`` (no kernel running: launch gaps, host work, syncs) and the
+    ``kernels`` launched. ``kernels``: ``(name, start_us, end_us)`` of each GPU kernel; kernels running at once
+    count once towards the busy time."""
+    out = {"gemm_ms": 0.0, "pq_ms": 0.0, "other_ms": 0.0}
+    busy, reach = 0.0, float("-inf")
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        kind = "pq_ms" if name.lstrip().startswith(PQ_KERNELS) else "gemm_ms" if GEMM_KERNELS.search(name) else \
+            "other_ms"
+        out[kind] += (end - start) / 1e3
+        busy += max(0.0, end - max(start, reach))  # the union of the kernels' intervals
+        reach = max(reach, end)
+    out = {k: v / steps for k, v in out.items()}
+    out["idle_ms"] = max(0.0, wall_ms - busy / 1e3) / steps
+    out["kernels"] = len(kernels) / steps
+    return out
+
+
+def profile_steps(step, token: torch.Tensor, graphs: bool, device: str, path: str,
+                  steps: int = 3) -> tuple[torch.Tensor, dict[str, float] | None]:
     """``steps`` decode steps (``token = step(token)``) under ``torch.profiler``: ``path.json`` (Chrome trace) and
-    ``path.txt`` (ops by self host time). Returns the last token."""
+    ``path.txt`` (ops by self host time). Returns the last token and, on CUDA, :func:`kernel_breakdown` of the
+    steps."""
     from torch.profiler import ProfilerActivity, profile
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -317,7 +346,13 @@ def profile_steps(step, token: torch.Tensor, graphs: bool, device: str, path: st
     prof.export_chrome_trace(path + ".json")
     with open(path + ".txt", "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-    return token
+    if not device.startswith("cuda"):
+        return token, None
+    events = prof.events()
+    wall = sum(e.time_range.elapsed_us() for e in events if e.name == "pqflex_decode_step") / 1e3
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "pqflex_decode_step"]
+    return token, kernel_breakdown(kernels, steps, wall)
 
 
 def shown_budget(method: str, budget: float | int) -> float | int:

@@ -45,6 +45,20 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def breakdown_table(results: list[Result]) -> str:
+    """Where each profiled row's decode step spent the GPU (``--profile`` on CUDA), per step; empty without one."""
+    rows = [r for r in results if r.breakdown]
+    if not rows:
+        return ""
+    lines = ["| method | batch | context | budget | TPOT ms | GEMM ms | PQ kernels ms | other kernels ms | idle ms "
+             "| kernels |", "|" + "---|" * 10]
+    for r in rows:
+        b = r.breakdown
+        lines.append(f"| {r.method} | {r.batch} | {r.context} | {r.budget} | {r.tpot_ms:.2f} | {b['gemm_ms']:.2f} | "
+                     f"{b['pq_ms']:.2f} | {b['other_ms']:.2f} | {b['idle_ms']:.2f} | {b['kernels']:.0f} |")
+    return "\n".join(lines)
+
+
 def notes(results: list[Result], device: str) -> str:
     """Why a column of the table holds ``-``."""
     lines = []
