@@ -82,12 +82,17 @@ def test_bench_prefill_chunk_feeds_the_prompt_in_chunks(method):
 
 
 def test_bench_profile_writes_a_trace_and_a_table(tmp_path):
+    """Three steps of the bench's loop and three token-to-token steps of generate() (after its warm-up)."""
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--contexts", "300", "--methods", "pqcache",
-                 "--new-tokens", "1", "--warmup", "1", "--no-generate", "--profile", str(tmp_path)]) == 0
+                 "--new-tokens", "1", "--warmup", "1", "--profile", str(tmp_path)]) == 0
     trace = json.loads((tmp_path / "tiny_pqcache_b1_n300_rank0.json").read_text())
     steps = [e for e in trace["traceEvents"] if e.get("name") == "pqflex_decode_step"]
     assert len(steps) == 3
     assert "Self CPU" in (tmp_path / "tiny_pqcache_b1_n300_rank0.txt").read_text()
+    trace = json.loads((tmp_path / "tiny_pqcache_b1_n300_rank0_generate.json").read_text())
+    steps = [e for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")]
+    assert len(steps) == 3 and any(e.get("name", "").startswith("pqflex::") for e in trace["traceEvents"])
+    assert "Self CPU" in (tmp_path / "tiny_pqcache_b1_n300_rank0_generate.txt").read_text()
 
 
 def test_bench_graphed_decodes_through_a_decode_graph(tmp_path, monkeypatch):
@@ -297,6 +302,8 @@ def test_kernel_breakdown_sorts_the_gpu_time_of_a_step():
     busy = (600 - 0) + (780 - 650) + (1100 - 1000)  # the union of the intervals, in us
     assert b["idle_ms"] == pytest.approx((1500 - busy) / 1e3 / 2)
     assert b["kernels"] == 3
-    r = bench_measure.Result("tiny", "pqcache", 1, 1200, 0.1, 1.0, 0.8, None, None, 2, breakdown=b)
-    assert "| pqcache | 1 | 1200 | 0.1 | 0.80 | 0.35 | 0.06 | 0.02 |" in bench.breakdown_table([r])
+    r = bench_measure.Result("tiny", "pqcache", 1, 1200, 0.1, 1.0, 0.8, None, None, 2, breakdown=b, gen_tpot_ms=0.9)
+    shown = bench.breakdown_table([r])
+    assert "| pqcache | 1 | 1200 | 0.1 | loop | 0.80 | 0.35 | 0.06 | 0.02 |" in shown and "generate()" not in shown
+    assert "| generate() | 0.90 | 0.35 |" in bench.breakdown_table([dataclasses.replace(r, gen_breakdown=b)])
     assert bench.breakdown_table([dataclasses.replace(r, breakdown=None)]) == ""

@@ -76,6 +76,7 @@ class Result:
     step_gb: float | None = None  # bytes a decode step must read at least (decode_step_bytes), in GB
     floor_ms: float | None = None  # step_gb at the device's measured copy bandwidth: no decode step is faster
     breakdown: dict[str, float] | None = None  # --profile on CUDA: a step's GPU time by kind (kernel_breakdown)
+    gen_breakdown: dict[str, float] | None = None  # the same for a step of generate(), token to token
 
 
 def model_config(preset: str):
@@ -343,16 +344,22 @@ def profile_steps(step, token: torch.Tensor, graphs: bool, device: str, path: st
             with torch.profiler.record_function("pqflex_decode_step"):
                 token = step(token)
                 _sync(device)
+    return token, profile_outputs(prof, path, device, lambda name: name == "pqflex_decode_step")
+
+
+def profile_outputs(prof, path: str, device: str, is_step) -> dict[str, float] | None:
+    """Write a finished profile's Chrome trace (``path.json``) and its ops by self host time (``path.txt``); on
+    CUDA return :func:`kernel_breakdown` of its steps (the host ranges whose name ``is_step``)."""
     prof.export_chrome_trace(path + ".json")
     with open(path + ".txt", "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     if not device.startswith("cuda"):
-        return token, None
+        return None
     events = prof.events()
-    wall = sum(e.time_range.elapsed_us() for e in events if e.name == "pqflex_decode_step") / 1e3
+    steps = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and is_step(e.name)]
     kernels = [(e.name, e.time_range.start, e.time_range.end) for e in events
-               if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "pqflex_decode_step"]
-    return token, kernel_breakdown(kernels, steps, wall)
+               if e.device_type == torch.autograd.DeviceType.CUDA and not is_step(e.name)]
+    return kernel_breakdown(kernels, max(1, len(steps)), sum(e.time_range.elapsed_us() for e in steps) / 1e3)
 
 
 def shown_budget(method: str, budget: float | int) -> float | int:
@@ -379,28 +386,57 @@ def cache_stats(cache) -> tuple[float, float | None]:
 
 
 class _Stamps:
-    """A logits processor that synchronizes and stamps the time of every generated token (it changes nothing)."""
+    """A logits processor that synchronizes and stamps the time of every generated token (it changes nothing);
+    with a profiler, it also steps the profiler's schedule once a token."""
 
-    def __init__(self, device: str) -> None:
-        self.device, self.times = device, []
+    def __init__(self, device: str, profiler=None) -> None:
+        self.device, self.times, self.profiler = device, [], profiler
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         _sync(self.device)
         self.times.append(time.perf_counter())
+        if self.profiler is not None:
+            self.profiler.step()
         return scores
 
 
 def run_generate(model, method: str, batch: int, context: int, new_tokens: int, warmup: int,
-                 device: str, prefill_chunk: int | None = None) -> tuple[float, float]:
+                 device: str, prefill_chunk: int | None = None,
+                 profile: str | None = None) -> tuple[float, float, dict[str, float] | None]:
     """TTFT (s) and TPOT (ms, median over the tokens after ``warmup``) of ``model.generate()`` as users call it.
 
     ``model`` is configured for the method already (:func:`run_method` did it). Greedy, ``min_new_tokens`` fixed.
-    The offload method's cache takes the model's settings with ``offload=True``.
+    The offload method's cache takes the model's settings with ``offload=True``. ``profile`` (a path without
+    extension): one more ``generate()`` afterwards, its 3 tokens after the warm-up under ``torch.profiler``
+    (:func:`profile_outputs`: trace, table and, on CUDA, the breakdown returned third, else None).
     """
+    ids = prompt_ids(model.config.vocab_size, batch, context, device, seed=1)
+    stamps = _Stamps(device)
+    # new_tokens timed gaps after the warm-up: one token more than the gaps (the first token is the prefill's)
+    ttft = _generate(model, method, batch, ids, warmup + new_tokens + 1, device, prefill_chunk, stamps)
+    steps = [b - a for a, b in zip(stamps.times, stamps.times[1:])][warmup:]
+    breakdown = None
+    if profile:
+        from torch.profiler import ProfilerActivity, schedule
+
+        os.makedirs(os.path.dirname(profile) or ".", exist_ok=True)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        # The schedule steps at each token: the steps recorded are whole generate() iterations, token to token.
+        with torch.profiler.profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=3,
+                                                                            repeat=1)) as prof:
+            _generate(model, method, batch, ids, warmup + 5, device, prefill_chunk, _Stamps(device, prof))
+        breakdown = profile_outputs(prof, profile, device, lambda name: name.startswith("ProfilerStep#"))
+    return ttft, statistics.median(steps) * 1e3, breakdown
+
+
+def _generate(model, method: str, batch: int, ids: torch.Tensor, n: int, device: str, prefill_chunk: int | None,
+              stamps: _Stamps) -> float:
+    """``n`` tokens of greedy ``model.generate()`` with the method's cache, ``stamps`` as its logits processor;
+    returns the time to the first token (s)."""
     import pqflex
     from transformers import LogitsProcessorList
 
-    capacity = context + warmup + new_tokens + 1
+    capacity = ids.shape[1] + n + 1
     kwargs: dict[str, Any] = {}
     if method in PQ_METHODS:
         kwargs[pqflex.CACHE_KWARG] = pqflex.PQStaticCache(model, capacity, cache_config(
@@ -409,16 +445,12 @@ def run_generate(model, method: str, batch: int, context: int, new_tokens: int, 
         kwargs["cache_implementation"] = "static"
     if prefill_chunk:
         kwargs["prefill_chunk_size"] = prefill_chunk
-    ids = prompt_ids(model.config.vocab_size, batch, context, device, seed=1)
-    stamps = _Stamps(device)
-    n = warmup + new_tokens
     with torch.no_grad():
         _sync(device)
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                        do_sample=False, logits_processor=LogitsProcessorList([stamps]), **kwargs)
-    steps = [b - a for a, b in zip(stamps.times, stamps.times[1:])][warmup:]
-    return stamps.times[0] - t0, statistics.median(steps) * 1e3
+    return stamps.times[0] - t0
 
 
 def device_and_dtype(args) -> tuple[str, torch.dtype]:
@@ -437,8 +469,10 @@ def measure(args, method: str, batch: int, context: int, model, device: str, dty
                    options, model=model, prefill_chunk=chunk, compile=not args.eager, profile=args.profile,
                    graphed=args.graphed)
     if not args.no_generate:
-        r.gen_ttft_s, r.gen_tpot_ms = run_generate(model, method, batch, context, args.new_tokens, args.warmup,
-                                                   device, prefill_chunk=chunk)
+        path = None if args.profile is None else os.path.join(
+            args.profile, f"{args.preset}_{method}_b{batch}_n{context}_rank{_rank()}_generate")
+        r.gen_ttft_s, r.gen_tpot_ms, r.gen_breakdown = run_generate(
+            model, method, batch, context, args.new_tokens, args.warmup, device, prefill_chunk=chunk, profile=path)
     if device.startswith("cuda") and not args.no_layer_attention and method != "pqcache-offload":
         r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, budget, dtype, options, r.tp)
     step = sum(decode_step_bytes(model, method, batch, context, budget, options).values())

@@ -46,16 +46,19 @@ def table(results: list[Result]) -> str:
 
 
 def breakdown_table(results: list[Result]) -> str:
-    """Where each profiled row's decode step spent the GPU (``--profile`` on CUDA), per step; empty without one."""
-    rows = [r for r in results if r.breakdown]
+    """Where each profiled row's decode step spent the GPU (``--profile`` on CUDA), per step, in the bench's loop
+    and through ``generate()``; empty without one."""
+    rows = [(r, step, b, tpot) for r in results
+            for step, b, tpot in (("loop", r.breakdown, r.tpot_ms), ("generate()", r.gen_breakdown, r.gen_tpot_ms))
+            if b]
     if not rows:
         return ""
-    lines = ["| method | batch | context | budget | TPOT ms | GEMM ms | PQ kernels ms | other kernels ms | idle ms "
-             "| kernels |", "|" + "---|" * 10]
-    for r in rows:
-        b = r.breakdown
-        lines.append(f"| {r.method} | {r.batch} | {r.context} | {r.budget} | {r.tpot_ms:.2f} | {b['gemm_ms']:.2f} | "
-                     f"{b['pq_ms']:.2f} | {b['other_ms']:.2f} | {b['idle_ms']:.2f} | {b['kernels']:.0f} |")
+    lines = ["| method | batch | context | budget | step | TPOT ms | GEMM ms | PQ kernels ms | other kernels ms "
+             "| idle ms | kernels |", "|" + "---|" * 11]
+    for r, step, b, tpot in rows:
+        lines.append(f"| {r.method} | {r.batch} | {r.context} | {r.budget} | {step} | {tpot:.2f} | "
+                     f"{b['gemm_ms']:.2f} | {b['pq_ms']:.2f} | {b['other_ms']:.2f} | {b['idle_ms']:.2f} | "
+                     f"{b['kernels']:.0f} |")
     return "\n".join(lines)
 
 
