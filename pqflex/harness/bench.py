@@ -126,7 +126,7 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
         check_same_prompt(model_config(args.preset).vocab_size, device)
     results, models = [], {}
     bandwidth = copy_bandwidth(device)  # the byte floor of every row is at this rate
-    env = {**environment(device), "copy_GBps": f"{bandwidth / 1e9:.0f}"}
+    env = {**environment(device), "copy_GBps": f"{bandwidth / 1e9:.4g}"}  # 4 digits: the floors follow from it
     if lead:
         print("\n".join(table([]).splitlines()[:2]), flush=True)  # the header once; each row as it is measured
     budgets = getattr(args, "budgets", [args.budget])

@@ -78,18 +78,23 @@ _CTR = _BINS0 + _BINS1 + _BINS2
 _SCRATCH = _CTR + 16
 
 
+def _check_codes(codes, B: int, Hkv: int, M: int, ksub: int, source: str) -> None:
+    """``ksub`` (taken from ``source``) a power of two in [2, 256] and ``codes`` uint8 ``[B, Hkv, N, M]``."""
+    if ksub & (ksub - 1) or not 2 <= ksub <= 256:
+        raise ValueError(f"{source} ksub={ksub} must be a power of two in [2, 256]")
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {codes.dtype}")
+    if codes.dim() != 4 or codes.shape[:2] != (B, Hkv) or codes.shape[3] != M:
+        raise ValueError(f"codes must be [B, Hkv, N, M] = [{B}, {Hkv}, N, {M}], got {tuple(codes.shape)}")
+
+
 def _check(ip_table, codes, lo, hi, topk, k_max) -> None:
     if ip_table.dim() != 5:
         raise ValueError(f"ip_table must be [B, Hkv, G, M, ksub], got shape {tuple(ip_table.shape)}")
     if not ip_table.is_floating_point():
         raise TypeError(f"ip_table must be floating point, got {ip_table.dtype}")
     B, Hkv, G, M, ksub = ip_table.shape
-    if ksub & (ksub - 1) or not 2 <= ksub <= 256:
-        raise ValueError(f"ip_table ksub={ksub} must be a power of two in [2, 256]")
-    if codes.dtype != torch.uint8:
-        raise TypeError(f"codes must be uint8, got {codes.dtype}")
-    if codes.dim() != 4 or codes.shape[:2] != (B, Hkv) or codes.shape[3] != M:
-        raise ValueError(f"codes must be [B, Hkv, N, M] = [{B}, {Hkv}, N, {M}], got {tuple(codes.shape)}")
+    _check_codes(codes, B, Hkv, M, ksub, "ip_table")
     for name, t in (("lo", lo), ("hi", hi), ("topk", topk)):
         if t.shape != (B,) or t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be an int tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
@@ -580,12 +585,7 @@ def _check_op(query, centroids, codes, spans, topk, n, k_max) -> None:
     M, ksub, dsub = centroids.shape[2:]
     if M * dsub != D:
         raise ValueError(f"query head dim {D} != M * dsub = {M} * {dsub} of the centroids")
-    if ksub & (ksub - 1) or not 2 <= ksub <= 256:
-        raise ValueError(f"centroids ksub={ksub} must be a power of two in [2, 256]")
-    if codes.dtype != torch.uint8:
-        raise TypeError(f"codes must be uint8, got {codes.dtype}")
-    if codes.dim() != 4 or codes.shape[:2] != (B, Hkv) or codes.shape[3] != M:
-        raise ValueError(f"codes must be [B, Hkv, N, M] = [{B}, {Hkv}, N, {M}], got {tuple(codes.shape)}")
+    _check_codes(codes, B, Hkv, M, ksub, "centroids")
     if spans.shape != (B, 3) or spans.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"spans must be an int tensor [B, 3] = [{B}, 3], got {spans.dtype} {tuple(spans.shape)}")
     if topk.shape != (B,) or topk.dtype not in (torch.int32, torch.int64):
