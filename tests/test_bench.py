@@ -23,7 +23,7 @@ def test_bench_tiny_preset_runs_every_method(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--contexts", "1200", "--new-tokens", "2", "--warmup", "1",
                  "--methods", "all", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert [r["method"] for r in data["results"]] == list(bench.METHODS)
+    assert [r["method"] for r in data["results"]] == [m for m in bench.METHODS if m != "flashinfer"]  # CUDA only
     for r in data["results"]:
         assert r["context"] == 1200 and r["steps"] == 2 and r["tpot_ms"] > 0 and r["ttft_s"] > 0
         assert r["gen_tpot_ms"] > 0 and r["gen_ttft_s"] > 0  # through model.generate()
@@ -41,6 +41,7 @@ def test_bench_tiny_preset_runs_every_method(tmp_path, capsys):
     assert "attn µs/layer and peak GiB: measured on CUDA only" in printed.out  # why those columns hold "-"
     assert "measuring pqcache, batch 1, context 1200..." in printed.err  # progress while a row runs
     assert "--warmup 1: the first decode steps compile" in printed.err
+    assert "the flashinfer row is left out: FlashInfer decodes on CUDA only, the bench runs on cpu" in printed.err
     assert main(["bench", "--from-json", str(out)]) == 0  # re-print an earlier run
 
 
@@ -48,7 +49,37 @@ def test_bench_on_the_cpu_leaves_out_the_simulated_offload_by_default(monkeypatc
     seen = {}
     monkeypatch.setattr(bench, "main", lambda args: seen.setdefault("methods", args.methods) and 0)
     main(["bench", "--preset", "tiny", "--device", "cpu"])
-    assert seen["methods"] == [m for m in bench.METHODS if m != "pqcache-offload"]
+    assert seen["methods"] == [m for m in bench.METHODS if m not in ("pqcache-offload", "flashinfer")]
+
+
+def test_bench_refuses_flashinfer_where_it_cannot_run(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--preset", "tiny", "--device", "cpu", "--methods", "flashinfer"])
+    assert exit_.value.code == 2
+    assert "--methods flashinfer: FlashInfer decodes on CUDA only, the bench runs on cpu" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_flashinfer_decode_equals_sdpa():
+    """The flashinfer row's op over the first n rows of [B, Hkv, C, D] buffers, planned as a bench step plans it,
+    against SDPA in fp32: within twice bf16 SDPA's own error."""
+    pytest.importorskip("flashinfer")
+    from pqflex.harness.bench_flashinfer import FlashInferDecode, flashinfer_decode
+
+    B, H, Hkv, D, C, n = 2, 32, 8, 128, 5000, 4321
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, h, *shape, D, device="cuda", dtype=torch.bfloat16, generator=g)
+               for h, shape in ((H, ()), (Hkv, (C,)), (Hkv, (C,))))
+    planner = FlashInferDecode(B, H, Hkv, D, C, torch.bfloat16, torch.device("cuda"))
+    planner.start(n - 1)
+    planner.advance()  # the step that writes token n - 1 attends n tokens
+    out = flashinfer_decode(q, k, v, planner.id).float()
+    planner.close()
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None].float(), k[:, :, :n].float(),
+                                                           v[:, :, :n].float(), enable_gqa=True)[:, :, 0]
+    low = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k[:, :, :n], v[:, :, :n],
+                                                           enable_gqa=True)[:, :, 0].float()
+    assert (out - ref).abs().max() <= 2 * (low - ref).abs().max() + 1e-3
 
 
 def test_offload_without_a_gpu_warns_that_it_only_simulates():

@@ -59,9 +59,9 @@ import torch
 
 from pqflex.harness.bench_launch import (any_rank, check_same_prompt, check_tp, launch, load_sharded,  # noqa: F401
                                          process_group, rank_threads, stub_checkpoint)
-from pqflex.harness.bench_measure import (COMPILED, DTYPES, METHODS, PQ_METHODS, PRESETS, Result,  # noqa: F401
-                                          build_model, copy_bandwidth, decode_step_bytes, device_and_dtype,
-                                          free_memory, graph_time_us,
+from pqflex.harness.bench_measure import (COMPILED, DENSE_METHODS, DTYPES, METHODS, PQ_METHODS,  # noqa: F401
+                                          PRESETS, Result, attention_of, build_model, copy_bandwidth,
+                                          decode_step_bytes, device_and_dtype, free_memory, graph_time_us,
                                           layer_attention_us, measure, model_config, run_generate, run_method,
                                           shown_budget, _distributed, _rank)
 from pqflex.harness.bench_report import breakdown_table, environment, notes, plot, table  # noqa: F401
@@ -96,6 +96,14 @@ def main(args) -> int:
         options["backend"] = args.backend
     for budget in getattr(args, "budgets", [args.budget]):
         PQConfig(**{**options, "budget": budget})  # bad settings raise before any work
+    if "flashinfer" in args.methods:
+        from pqflex.harness import bench_flashinfer
+
+        why = bench_flashinfer.unavailable(device) or ("the flashinfer row runs on one GPU, not under --tp"
+                                                       if tp > 1 else None)
+        if why:
+            raise ValueError(f"--methods flashinfer: {why}")
+        bench_flashinfer.register()
     world = os.environ.get("WORLD_SIZE")
     if tp > 1 and device == "cpu" and torch.cuda.is_available():
         raise ValueError(f"--tp {tp} runs on the GPUs (transformers' tp_plan='auto' takes the accelerator); "
@@ -131,11 +139,11 @@ def sweep(args, device: str, dtype: torch.dtype, options: dict[str, Any], load) 
         print("\n".join(table([]).splitlines()[:2]), flush=True)  # the header once; each row as it is measured
     budgets = getattr(args, "budgets", [args.budget])
     runs = [(method, budget) for method in args.methods  # a dense method's row does not depend on the budget
-            for budget in (budgets if method in PQ_METHODS and method != "pqflex-dense" else budgets[:1])]
+            for budget in (budgets[:1] if method in DENSE_METHODS else budgets)]
     for batch in args.batch:
         for context in args.contexts:
             for method, budget in runs:
-                attn = "pqcache" if method in PQ_METHODS else "sdpa"
+                attn = attention_of(method)
                 if attn not in models:  # one model per attention implementation, reused across runs
                     models.clear()
                     # Under TP transformers wraps each sharded layer's forward in a closure over the layer: only

@@ -15,9 +15,15 @@ import torch
 import torch.nn.functional as F
 
 
-METHODS = ("pqcache", "pqcache-offload", "pqflex-dense", "sdpa-static", "sdpa")
-COMPILED = {"pqcache", "pqcache-offload", "pqflex-dense", "sdpa-static"}
+METHODS = ("pqcache", "pqcache-offload", "pqflex-dense", "flashinfer", "sdpa-static", "sdpa")
+COMPILED = {"pqcache", "pqcache-offload", "pqflex-dense", "flashinfer", "sdpa-static"}
 PQ_METHODS = {"pqcache", "pqcache-offload", "pqflex-dense"}  # attention "pqcache"
+DENSE_METHODS = ("pqflex-dense", "flashinfer", "sdpa-static", "sdpa")  # every token attended: one row, any budget
+
+
+def attention_of(method: str) -> str:
+    """The attention implementation a method's model is built with."""
+    return "pqcache" if method in PQ_METHODS else "flashinfer" if method == "flashinfer" else "sdpa"
 
 _COMMON = dict(hidden_act="silu", rms_norm_eps=1e-5, eos_token_id=None, bos_token_id=None, pad_token_id=None)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the --dtype choices
@@ -199,6 +205,10 @@ def layer_attention_us(preset: str, method: str, batch: int, context: int, budge
     k = torch.randn(batch, Hkv, cap, D, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(batch, Hkv, cap, D, device="cuda", dtype=dtype, generator=g)
     scale = D ** -0.5
+    if method == "flashinfer":
+        from pqflex.harness.bench_flashinfer import layer_decode_us
+
+        return layer_decode_us(q, k, v, context)
     if method.startswith("sdpa"):
         kk, vv = k[:, :, :context], v[:, :, :context]
         return graph_time_us(lambda: F.scaled_dot_product_attention(q, kk, vv, scale=scale, enable_gqa=True))
@@ -238,7 +248,7 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {METHODS}")
-    attn = "pqcache" if method in PQ_METHODS else "sdpa"
+    attn = attention_of(method)
     model = model if model is not None else build_model(preset, attn, dtype, device)
     capacity = context + warmup + new_tokens + 1
     t0 = time.perf_counter()
@@ -246,10 +256,15 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         pq = pqflex.PQConfig(budget=1.0 if method == "pqflex-dense" else budget, **(options or {}))
         pqflex.configure(model, pq.replace(offload=False))  # the warm-up below uses a growing cache
         cache = pqflex.PQStaticCache(model, capacity, cache_config(method, pq), max_batch_size=batch)
-    elif method == "sdpa-static":
+    elif method in ("sdpa-static", "flashinfer"):
         cache = StaticCache(config=model.config, max_cache_len=capacity)
     else:
         cache = DynamicCache(config=model.config)
+    planner = None
+    if method == "flashinfer":  # FlashInfer's decode over the StaticCache, planned on the host before each step
+        from pqflex.harness.bench_flashinfer import FlashInferDecode
+
+        planner = FlashInferDecode.for_model(model, batch, capacity)
     setup = time.perf_counter() - t0
     compiled = compile and method in COMPILED
     graphed = graphed and method in COMPILED
@@ -263,6 +278,12 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
 
         def decode(token: torch.Tensor) -> torch.Tensor:
             return forward(token, **{CACHE_KWARG: cache}, logits_to_keep=1).logits
+    if planner is not None:
+        step = decode
+
+        def decode(token: torch.Tensor) -> torch.Tensor:  # the host plans each step before it runs
+            planner.advance()
+            return step(token)
     tree = compiled and not graphed and device.startswith("cuda")  # CUDA-graph trees: mark each step
     ids = prompt_ids(model.config.vocab_size, batch, context, device, seed=0)
     if device.startswith("cuda"):
@@ -281,6 +302,8 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         _sync(device)
         ttft = time.perf_counter() - t0
         token = logits[:, -1:].argmax(-1)
+        if planner is not None:
+            planner.start(context)
         times = []
         for step in range(warmup + new_tokens):
             if tree:
@@ -296,6 +319,8 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
             name = f"{preset}_{method}_b{batch}_n{context}_rank{_rank()}"
             token, breakdown = profile_steps(lambda t: decode(t)[:, -1:].argmax(-1), token, tree, device,
                                              os.path.join(profile, name))
+    if planner is not None:
+        planner.close()
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
     kv, hits = cache_stats(cache)
     return Result(preset, method, batch, context, shown_budget(method, budget), ttft, statistics.median(times) * 1e3,
@@ -364,7 +389,7 @@ def profile_outputs(prof, path: str, device: str, is_step) -> dict[str, float] |
 
 def shown_budget(method: str, budget: float | int) -> float | int:
     """The budget a row reports: 1.0 for the methods that attend to every token."""
-    return 1.0 if method in ("pqflex-dense", "sdpa", "sdpa-static") else budget
+    return 1.0 if method in DENSE_METHODS else budget
 
 
 def cache_config(method: str, config):
@@ -468,7 +493,7 @@ def measure(args, method: str, batch: int, context: int, model, device: str, dty
     r = run_method(args.preset, method, batch, context, budget, args.new_tokens, args.warmup, dtype, device,
                    options, model=model, prefill_chunk=chunk, compile=not args.eager, profile=args.profile,
                    graphed=args.graphed)
-    if not args.no_generate:
+    if not args.no_generate and method != "flashinfer":  # generate() cannot plan FlashInfer before each step
         path = None if args.profile is None else os.path.join(
             args.profile, f"{args.preset}_{method}_b{batch}_n{context}_rank{_rank()}_generate")
         r.gen_ttft_s, r.gen_tpot_ms, r.gen_breakdown = run_generate(

@@ -12,7 +12,7 @@ import pqflex
 from pqflex import METHODS, PQConfig, parse_budget
 from pqflex.harness.suite import TASKS
 
-BENCH_METHODS = ("pqcache", "pqcache-offload", "pqflex-dense", "sdpa-static", "sdpa")
+BENCH_METHODS = ("pqcache", "pqcache-offload", "pqflex-dense", "flashinfer", "sdpa-static", "sdpa")
 PRESETS = ("llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2.5-7b", "smollm2-135m", "tiny")
 
 
@@ -197,8 +197,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     bench.add_argument("--batch-size", "--batch", dest="batch", type=_ints, default=[1],
                        help="batch sizes, comma-separated")
     bench.add_argument("--methods", type=_choices(BENCH_METHODS, "method"), default=None,
-                       help="comma-separated (default: all; on the CPU all but pqcache-offload, which only simulates "
-                            "offloading there)")
+                       help="comma-separated (default: all this machine runs: on the CPU all but pqcache-offload, "
+                            "which only simulates offloading there, and flashinfer, which needs CUDA and the "
+                            "flashinfer-python package)")
     bench.add_argument("--backend", default=None, choices=["fused", "gather", "flex"],
                        help="pqcache attention backend (default: PQConfig's)")
     bench.add_argument("--selection", default="token", choices=["token", "block"], help="pqcache selection")
@@ -334,7 +335,15 @@ def _run(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
         args.dtype = args.dtype or ("bf16" if cuda else "fp32")
         args.preset = args.preset or ("llama-3.1-8b" if cuda else "smollm2-135m")
         args.contexts = args.contexts or ([8192, 32768] if cuda else [2048])
-        args.methods = args.methods or [m for m in BENCH_METHODS if cuda or m != "pqcache-offload"]
+        from pqflex.harness.bench_flashinfer import unavailable
+
+        no_flashinfer = unavailable(args.device or ("cuda" if cuda else "cpu"))
+        if args.methods is None:  # the methods this machine runs: offload and FlashInfer need CUDA
+            args.methods = [m for m in BENCH_METHODS if (cuda or m != "pqcache-offload")
+                            and (m != "flashinfer" or no_flashinfer is None)]
+        elif args.methods == list(BENCH_METHODS) and no_flashinfer:  # "all": each method this machine runs
+            args.methods.remove("flashinfer")
+            print(f"pqflex bench: the flashinfer row is left out: {no_flashinfer}", file=sys.stderr)
         if not args.eager and args.warmup < 3:
             print(f"pqflex bench: warning: --warmup {args.warmup}: the first decode steps compile the step (and "
                   "capture CUDA graphs on a GPU), so with fewer than 3 warm-up steps the loop's TPOT includes that "

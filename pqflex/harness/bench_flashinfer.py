@@ -1,0 +1,147 @@
+"""The ``flashinfer`` row of ``pqflex bench``: dense decode attention by FlashInfer (the decode kernel vLLM and SGLang
+run) inside the same compiled, CUDA-graphed whole-model step as pqflex's rows.
+
+The cache is transformers' ``StaticCache``: each layer's ``[B, Hkv, C, D]`` key and value buffers are FlashInfer's
+paged KV cache in ``HND`` layout with one page of ``C`` tokens per sequence. Before every decode step the host plans
+FlashInfer's decode for the new length (:meth:`FlashInferDecode.advance`: ``plan()`` writes the page table and the
+split of the work into the wrapper's fixed buffers, which a captured CUDA graph then reads), as serving engines do
+before each replay; the timed step includes that host call. The attention function calls FlashInfer through a
+``torch.library`` op (:func:`flashinfer_decode`), so the step compiles with ``fullgraph=True`` around it. The prompt,
+and any forward that is not a one-token step over the planned cache, runs transformers' SDPA.
+
+Needs the ``flashinfer-python`` package (its JIT builds the decode kernel with the machine's ``nvcc`` at first use)
+and CUDA; :func:`unavailable` says why a machine cannot run the row.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTN = "flashinfer"  # the attention implementation the row's model is built with
+WORKSPACE_BYTES = 256 << 20  # FlashInfer's float workspace (split-KV partial outputs)
+
+_PLANNED: dict[int, "FlashInferDecode"] = {}  # live planners by id: the op's int argument names one
+_ids = itertools.count()
+
+
+def unavailable(device: str) -> str | None:
+    """Why the ``flashinfer`` row cannot run on ``device`` (None: it can)."""
+    if not device.startswith("cuda"):
+        return f"FlashInfer decodes on CUDA only, the bench runs on {device}"
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError as e:
+        return f"the flashinfer-python package is not installed ({e})"
+    return None
+
+
+class FlashInferDecode:
+    """FlashInfer's batch decode over ``[batch, kv_heads, capacity, head_dim]`` key and value buffers: ``start(n)``
+    after the prompt, then ``advance()`` before each decode step (the step writes token ``n`` and attends all
+    ``n + 1``). :meth:`for_model` attaches one to a model's attention modules."""
+
+    def __init__(self, batch: int, heads: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        import flashinfer
+
+        self.batch, self.heads, self.kv_heads, self.head_dim = batch, heads, kv_heads, head_dim
+        self.capacity, self.dtype = capacity, dtype
+        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        # One page per sequence: page b is sequence b's whole buffer.
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "HND", use_cuda_graph=True,
+            paged_kv_indptr_buffer=torch.arange(batch + 1, dtype=torch.int32, device=device),
+            paged_kv_indices_buffer=torch.arange(batch, dtype=torch.int32, device=device),
+            paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device=device))
+        self._indptr = torch.arange(batch + 1, dtype=torch.int32)
+        self._indices = torch.arange(batch, dtype=torch.int32)
+        self.n = 0
+        self.id = next(_ids)
+        _PLANNED[self.id] = self
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch: int, capacity: int) -> "FlashInferDecode":
+        """A planner for ``model``'s ``StaticCache`` of ``capacity`` tokens, found by its attention modules."""
+        cfg = model.config
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        planner = cls(batch, cfg.num_attention_heads, cfg.num_key_value_heads, D, capacity, model.dtype,
+                      next(model.parameters()).device)
+        for module in model.modules():
+            if hasattr(module, "layer_idx") and hasattr(module, "num_key_value_groups"):
+                module.flashinfer_decode = planner.id
+        return planner
+
+    def start(self, n: int) -> None:
+        """The cache holds ``n`` tokens (the prompt)."""
+        self.n = n
+
+    def advance(self) -> None:
+        """Plan the next step: it writes one token, then attends all ``n + 1``."""
+        self.n += 1
+        if self.n > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} tokens per sequence; step {self.n} does not fit")
+        self.wrapper.plan(self._indptr, self._indices, torch.full((self.batch,), self.n, dtype=torch.int32),
+                          self.heads, self.kv_heads, self.head_dim, self.capacity, q_data_type=self.dtype,
+                          kv_data_type=self.dtype)
+
+    def close(self) -> None:
+        _PLANNED.pop(self.id, None)
+
+
+@torch.library.custom_op("pqflex::flashinfer_decode", mutates_args=())
+def flashinfer_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, planner: int) -> torch.Tensor:
+    """Decode attention ``[B, H, D]`` of ``query [B, H, D]`` over the planned length of the ``[B, Hkv, C, D]``
+    buffers, by the :class:`FlashInferDecode` numbered ``planner``."""
+    return _PLANNED[planner].wrapper.run(query, (key, value))
+
+
+@flashinfer_decode.register_fake
+def _(query, key, value, planner):
+    return torch.empty_like(query)
+
+
+def flashinfer_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function ``"flashinfer"``: FlashInfer for a one-token step over the planned cache,
+    SDPA otherwise (a prompt from position 0, unpadded: causal over its rows; one token over a growing cache)."""
+    planner = _PLANNED.get(getattr(module, "flashinfer_decode", -1))
+    B, H, S, D = query.shape
+    if S == 1 and planner is not None and key.shape[2] == planner.capacity:
+        out = flashinfer_decode(query[:, :, 0].contiguous(), key, value, planner.id)
+        return out[:, None], None
+    if attention_mask is not None:
+        raise NotImplementedError("the flashinfer bench row takes unpadded prompts only")
+    rows = S if S > 1 else key.shape[2]  # a prompt fills the buffer from row 0; one token sees every row
+    out = F.scaled_dot_product_attention(query, key[:, :, :rows], value[:, :, :rows], is_causal=S > 1,
+                                         scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2), None
+
+
+def register() -> None:
+    """Register ``"flashinfer"`` with transformers' attention and mask interfaces (the mask: none)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(ATTN, flashinfer_attention)
+    AttentionMaskInterface.register(ATTN, lambda **kwargs: None)
+
+
+def layer_decode_us(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: int) -> float:
+    """One layer's FlashInfer decode (µs, CUDA-graphed): ``query [B, H, 1, D]`` over the first ``n`` rows of the
+    ``[B, Hkv, C, D]`` buffers."""
+    from pqflex.harness.bench_measure import graph_time_us
+
+    B, H, _, D = query.shape
+    planner = FlashInferDecode(B, H, key.shape[1], D, key.shape[2], query.dtype, query.device)
+    try:
+        planner.start(n - 1)
+        planner.advance()
+        q = query[:, :, 0].contiguous()
+        return graph_time_us(lambda: planner.wrapper.run(q, (key, value)))
+    finally:
+        planner.close()
