@@ -146,6 +146,23 @@ def test_bench_graphed_decodes_through_a_decode_graph(tmp_path, monkeypatch):
     assert made[-1]._forward == made[-1].model.forward
 
 
+def test_bench_graphed_generate_replays_the_caches_decode_graph(monkeypatch):
+    """--graphed: the generate() row's PQStaticCache(graph=True) sends every decode step through its DecodeGraph."""
+    from pqflex.integrations import graphs
+
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", "eager")  # no code generation on the CPU
+    calls = []
+    monkeypatch.setattr(pqflex.DecodeGraph, "__call__", lambda self, *a, _f=pqflex.DecodeGraph.__call__:
+                        calls.append(a[0].shape) or _f(self, *a))
+    model = bench.build_model("tiny", "pqcache", torch.float32, "cpu")
+    pqflex.configure(model, pqflex.PQConfig(budget=0.1))
+    _, tpot, _ = bench.run_generate(model, "pqcache", 1, 300, 2, 1, "cpu", graphed=True)
+    assert tpot > 0 and calls == [(1, 1)] * 3  # warm-up 1 + 2 timed gaps + 1: every token after the prompt's
+    calls.clear()
+    bench.run_generate(model, "pqcache", 1, 300, 2, 1, "cpu")
+    assert calls == []  # not graphed: transformers' own step
+
+
 def test_bench_rejects_a_bad_prefill_chunk(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--preset", "tiny", "--device", "cpu", "--prefill-chunk", "0"])
@@ -321,20 +338,22 @@ def test_bench_rows_at_several_budgets(tmp_path):
 
 
 def test_kernel_breakdown_sorts_the_gpu_time_of_a_step():
-    """GEMMs (cuBLAS, CUTLASS), pqflex's kernels, the rest, and idle: the wall time no kernel covers (two kernels
+    """GEMMs (cuBLAS, CUTLASS), pqflex's kernels, other libraries' attention, the rest, and idle: the wall time no kernel covers (two kernels
     running at once count once)."""
     kernels = [("nvjet_tst_128x64_64x4_2x1_v_bz_TNT", 0, 400), ("sm90_xmma_gemm_bf16bf16_bf16f32", 400, 600),
                ("_pq_select_stats_kernel", 650, 700), ("_sparse_decode_attention_kernel", 700, 760),
                ("triton_poi_fused_add_mul_0", 740, 780),  # overlaps the attention kernel by 20 us
-               ("gemv2T_kernel_val<int, int, __nv_bfloat16>", 1000, 1100)]
+               ("gemv2T_kernel_val<int, int, __nv_bfloat16>", 1000, 1100),
+               ("void flashinfer::BatchDecodeWithPagedKVCacheKernel<...>", 1200, 1260)]  # another library's attention
     b = bench_measure.kernel_breakdown(kernels, steps=2, wall_ms=1.5)
     assert b["gemm_ms"] == pytest.approx((400 + 200 + 100) / 1e3 / 2)
     assert b["pq_ms"] == pytest.approx(110 / 1e3 / 2) and b["other_ms"] == pytest.approx(40 / 1e3 / 2)
-    busy = (600 - 0) + (780 - 650) + (1100 - 1000)  # the union of the intervals, in us
+    assert b["attn_ms"] == pytest.approx(60 / 1e3 / 2)
+    busy = (600 - 0) + (780 - 650) + (1100 - 1000) + (1260 - 1200)  # the union of the intervals, in us
     assert b["idle_ms"] == pytest.approx((1500 - busy) / 1e3 / 2)
-    assert b["kernels"] == 3
+    assert b["kernels"] == 3.5
     r = bench_measure.Result("tiny", "pqcache", 1, 1200, 0.1, 1.0, 0.8, None, None, 2, breakdown=b, gen_tpot_ms=0.9)
     shown = bench.breakdown_table([r])
-    assert "| pqcache | 1 | 1200 | 0.1 | loop | 0.80 | 0.35 | 0.06 | 0.02 |" in shown and "generate()" not in shown
+    assert "| pqcache | 1 | 1200 | 0.1 | loop | 0.80 | 0.35 | 0.06 | 0.03 | 0.02 |" in shown and "generate()" not in shown
     assert "| generate() | 0.90 | 0.35 |" in bench.breakdown_table([dataclasses.replace(r, gen_breakdown=b)])
     assert bench.breakdown_table([dataclasses.replace(r, breakdown=None)]) == ""

@@ -7,7 +7,7 @@ from transformers import DynamicCache, StaticCache
 import pqflex
 from pqflex import DecodeGraph, PQStaticCache
 
-from tests.test_transformers import CACHE_KW, SPARSE, make, prompt
+from tests.test_transformers import CACHE_KW, SPARSE, generate, make, prompt
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -163,3 +163,76 @@ def test_the_eager_decode_step_reads_nothing_back_while_a_graph_is_captured(whic
         monkeypatch.setattr(glue, "_capturing", lambda: False)
         with torch.no_grad(), pytest.raises(AssertionError, match="host sync"), _NoHostSync():
             model(token, **{CACHE_KW: cache}, logits_to_keep=1)
+
+
+def _padded(n, batch=2):
+    """Prompt ids ``[batch, n]`` whose first sequence has 17 tokens of left padding, and its attention mask."""
+    ids = prompt(n, batch=batch)
+    mask = torch.ones_like(ids)
+    mask[0, :17] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])])
+def test_generate_through_the_caches_decode_graph(device, monkeypatch):
+    """``PQStaticCache(graph=True)``: generate()'s decode steps replay the cache's DecodeGraph (on a CPU its compiled
+    step; on CUDA a captured graph), with the same tokens as the plain forward, a left-padded sequence's positions
+    included, over two prompts of different lengths on one cache (reset between) and a fresh cache after them."""
+    from pqflex.integrations import graphs
+
+    if device == "cpu":
+        monkeypatch.setattr(graphs, "COMPILE_BACKEND", "eager")  # Dynamo's capture and guards, no code generation
+    pq = make("llama").to(device)
+    pqflex.configure(pq, SPARSE)
+    own = pq.forward
+    calls = []
+    monkeypatch.setattr(DecodeGraph, "__call__", lambda self, *a, _f=DecodeGraph.__call__: calls.append(a[0].shape)
+                        or _f(self, *a))
+    cache = PQStaticCache(pq, 330, graph=True)
+    assert pq.forward.pqflex_own_forward == own and not cache.is_compileable
+    assert PQStaticCache(pq, 330).is_compileable  # graph=False: transformers compiles it, as before
+    for n in (300, 260):
+        ids, mask = (t.to(device) for t in _padded(n))
+        want = generate(pq, ids, n=8, attention_mask=mask, **{CACHE_KW: PQStaticCache(pq, 330)},
+                        disable_compile=True)
+        calls.clear()
+        cache.reset()
+        got = generate(pq, ids, n=8, attention_mask=mask, **{CACHE_KW: cache})
+        assert torch.equal(got, want), n
+        assert calls == [(2, 1)] * 7  # every decode step: the first token is the prompt's
+    assert cache.decode_graph().captured == (device == "cuda")
+    ids, mask = (t.to(device) for t in _padded(280))
+    assert torch.equal(generate(pq, ids, n=5, attention_mask=mask, **{CACHE_KW: PQStaticCache(pq, 300, graph=True)}),
+                       generate(pq, ids, n=5, attention_mask=mask, **{CACHE_KW: PQStaticCache(pq, 300)},
+                                disable_compile=True))
+    PQStaticCache(pq, 330, graph=True)
+    assert pq.forward.pqflex_own_forward == own  # wrapped once
+
+
+def test_graph_routing_leaves_every_other_forward_to_the_model():
+    """One-token forwards that want more than logits, forwards over other caches and prompts run the model's own
+    forward; a user's DecodeGraph over a routed model compiles the model's own forward, not the router."""
+    pq = make("llama")
+    pqflex.configure(pq, SPARSE)
+    cache = PQStaticCache(pq, 330, graph=True)
+    with pytest.raises(ValueError, match="graph must be True or False, got 1"):
+        PQStaticCache(pq, 330, graph=1)
+    ids = prompt(300)
+    token = prefill(pq, cache, ids)
+    with torch.no_grad():
+        out = pq(token, **{CACHE_KW: cache}, output_hidden_states=True)  # not routed: hidden states come back
+    assert out.hidden_states is not None and cache.decode_graph()._calls == 0
+    with torch.no_grad():
+        routed = pq(token, **{CACHE_KW: cache})
+    assert routed.hidden_states is None and cache.decode_graph()._calls == 1
+    assert getattr(routed, graphs_output_field()) is cache
+    other = PQStaticCache(pq, 330)
+    prefill(pq, other, ids)
+    graph = DecodeGraph(pq, other, backend="eager")
+    assert graph._forward._torchdynamo_orig_callable == pq.forward.pqflex_own_forward
+
+
+def graphs_output_field():
+    from pqflex.integrations import graphs
+
+    return graphs._OUTPUT_CACHE_FIELD

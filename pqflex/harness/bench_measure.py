@@ -331,19 +331,22 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
 
 PQ_KERNELS = ("_pq_", "_sparse_decode_", "_offload_gather")  # the Triton kernels of pqflex's ops (name prefixes)
 GEMM_KERNELS = re.compile(r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitkreduce", re.IGNORECASE)  # cuBLAS, CUTLASS
+# Other libraries' attention kernels: FlashInfer's decode and merge, SDPA's flash / memory-efficient / cuDNN ones.
+ATTN_KERNELS = re.compile(r"BatchDecode|SingleDecode|MergeStates|flashinfer|flash_fwd|fmha|cudnn|attention",
+                          re.IGNORECASE)
 
 
 def kernel_breakdown(kernels: list[tuple[str, float, float]], steps: int, wall_ms: float) -> dict[str, float]:
     """Where ``steps`` decode steps that took ``wall_ms`` in all spent the GPU, per step: ``gemm_ms`` (cuBLAS and
-    CUTLASS matmuls), ``pq_ms`` (pqflex's kernels), ``other_ms`` (every other kernel: norms, RoPE, cache writes,
+    CUTLASS matmuls), ``pq_ms`` (pqflex's kernels), ``attn_ms`` (other libraries' attention kernels), ``other_ms`` (every other kernel: norms, RoPE, cache writes,
     inductor's fused elementwise ones), ``idle_ms`` (no kernel running: launch gaps, host work, syncs) and the
     ``kernels`` launched. ``kernels``: ``(name, start_us, end_us)`` of each GPU kernel; kernels running at once
     count once towards the busy time."""
-    out = {"gemm_ms": 0.0, "pq_ms": 0.0, "other_ms": 0.0}
+    out = {"gemm_ms": 0.0, "pq_ms": 0.0, "attn_ms": 0.0, "other_ms": 0.0}
     busy, reach = 0.0, float("-inf")
     for name, start, end in sorted(kernels, key=lambda k: k[1]):
-        kind = "pq_ms" if name.lstrip().startswith(PQ_KERNELS) else "gemm_ms" if GEMM_KERNELS.search(name) else \
-            "other_ms"
+        kind = ("pq_ms" if name.lstrip().startswith(PQ_KERNELS) else "gemm_ms" if GEMM_KERNELS.search(name) else
+                "attn_ms" if ATTN_KERNELS.search(name) else "other_ms")
         out[kind] += (end - start) / 1e3
         busy += max(0.0, end - max(start, reach))  # the union of the kernels' intervals
         reach = max(reach, end)
@@ -426,19 +429,20 @@ class _Stamps:
 
 
 def run_generate(model, method: str, batch: int, context: int, new_tokens: int, warmup: int,
-                 device: str, prefill_chunk: int | None = None,
-                 profile: str | None = None) -> tuple[float, float, dict[str, float] | None]:
+                 device: str, prefill_chunk: int | None = None, profile: str | None = None,
+                 graphed: bool = False) -> tuple[float, float, dict[str, float] | None]:
     """TTFT (s) and TPOT (ms, median over the tokens after ``warmup``) of ``model.generate()`` as users call it.
 
     ``model`` is configured for the method already (:func:`run_method` did it). Greedy, ``min_new_tokens`` fixed.
     The offload method's cache takes the model's settings with ``offload=True``. ``profile`` (a path without
     extension): one more ``generate()`` afterwards, its 3 tokens after the warm-up under ``torch.profiler``
     (:func:`profile_outputs`: trace, table and, on CUDA, the breakdown returned third, else None).
+    ``graphed``: the pqcache methods' ``PQStaticCache(graph=True)``: decode steps replay the cache's DecodeGraph.
     """
     ids = prompt_ids(model.config.vocab_size, batch, context, device, seed=1)
     stamps = _Stamps(device)
     # new_tokens timed gaps after the warm-up: one token more than the gaps (the first token is the prefill's)
-    ttft = _generate(model, method, batch, ids, warmup + new_tokens + 1, device, prefill_chunk, stamps)
+    ttft = _generate(model, method, batch, ids, warmup + new_tokens + 1, device, prefill_chunk, stamps, graphed)
     steps = [b - a for a, b in zip(stamps.times, stamps.times[1:])][warmup:]
     breakdown = None
     if profile:
@@ -449,13 +453,13 @@ def run_generate(model, method: str, batch: int, context: int, new_tokens: int, 
         # The schedule steps at each token: the steps recorded are whole generate() iterations, token to token.
         with torch.profiler.profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=3,
                                                                             repeat=1)) as prof:
-            _generate(model, method, batch, ids, warmup + 5, device, prefill_chunk, _Stamps(device, prof))
+            _generate(model, method, batch, ids, warmup + 5, device, prefill_chunk, _Stamps(device, prof), graphed)
         breakdown = profile_outputs(prof, profile, device, lambda name: name.startswith("ProfilerStep#"))
     return ttft, statistics.median(steps) * 1e3, breakdown
 
 
 def _generate(model, method: str, batch: int, ids: torch.Tensor, n: int, device: str, prefill_chunk: int | None,
-              stamps: _Stamps) -> float:
+              stamps: _Stamps, graphed: bool = False) -> float:
     """``n`` tokens of greedy ``model.generate()`` with the method's cache, ``stamps`` as its logits processor;
     returns the time to the first token (s)."""
     import pqflex
@@ -465,7 +469,7 @@ def _generate(model, method: str, batch: int, ids: torch.Tensor, n: int, device:
     kwargs: dict[str, Any] = {}
     if method in PQ_METHODS:
         kwargs[pqflex.CACHE_KWARG] = pqflex.PQStaticCache(model, capacity, cache_config(
-            method, pqflex.get_config(model)), max_batch_size=batch)  # offload: CPU memory allocated here
+            method, pqflex.get_config(model)), max_batch_size=batch, graph=graphed)  # offload: CPU memory here
     elif method == "sdpa-static":
         kwargs["cache_implementation"] = "static"
     if prefill_chunk:
@@ -497,7 +501,8 @@ def measure(args, method: str, batch: int, context: int, model, device: str, dty
         path = None if args.profile is None else os.path.join(
             args.profile, f"{args.preset}_{method}_b{batch}_n{context}_rank{_rank()}_generate")
         r.gen_ttft_s, r.gen_tpot_ms, r.gen_breakdown = run_generate(
-            model, method, batch, context, args.new_tokens, args.warmup, device, prefill_chunk=chunk, profile=path)
+            model, method, batch, context, args.new_tokens, args.warmup, device, prefill_chunk=chunk, profile=path,
+            graphed=args.graphed and not args.eager)
     if device.startswith("cuda") and not args.no_layer_attention and method != "pqcache-offload":
         r.attn_layer_us = layer_attention_us(args.preset, method, batch, context, budget, dtype, options, r.tp)
     step = sum(decode_step_bytes(model, method, batch, context, budget, options).values())

@@ -53,12 +53,12 @@ def breakdown_table(results: list[Result]) -> str:
             if b]
     if not rows:
         return ""
-    lines = ["| method | batch | context | budget | step | TPOT ms | GEMM ms | PQ kernels ms | other kernels ms "
-             "| idle ms | kernels |", "|" + "---|" * 11]
+    lines = ["| method | batch | context | budget | step | TPOT ms | GEMM ms | PQ kernels ms | other attention ms "
+             "| other kernels ms | idle ms | kernels |", "|" + "---|" * 12]
     for r, step, b, tpot in rows:
         lines.append(f"| {r.method} | {r.batch} | {r.context} | {r.budget} | {step} | {tpot:.2f} | "
-                     f"{b['gemm_ms']:.2f} | {b['pq_ms']:.2f} | {b['other_ms']:.2f} | {b['idle_ms']:.2f} | "
-                     f"{b['kernels']:.0f} |")
+                     f"{b['gemm_ms']:.2f} | {b['pq_ms']:.2f} | {b.get('attn_ms', 0.0):.2f} | {b['other_ms']:.2f} | "
+                     f"{b['idle_ms']:.2f} | {b['kernels']:.0f} |")
     return "\n".join(lines)
 
 
@@ -69,7 +69,10 @@ def notes(results: list[Result], device: str) -> str:
         lines.append("attn µs/layer and peak GiB: measured on CUDA only (CUDA events, the allocator's peak)")
     elif any(r.attn_layer_us is None for r in results):
         lines.append("attn µs/layer: not timed for pqcache-offload and with --no-layer-attention")
-    if any(r.gen_tpot_ms is None for r in results):
+    if any(r.gen_tpot_ms is None and r.method == "flashinfer" for r in results):
+        lines.append("generate TTFT/TPOT of flashinfer: not measured (generate() cannot plan FlashInfer before each "
+                     "step)")
+    if any(r.gen_tpot_ms is None and r.method != "flashinfer" for r in results):
         lines.append("generate TTFT/TPOT: not measured with --no-generate")
     if any(r.kv_gib is None for r in results):
         lines.append("KV GiB on device: the static-cache methods only")

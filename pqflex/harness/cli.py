@@ -218,8 +218,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        help="decode loop without torch.compile (the TTFT and what fits, minus compile time)")
     bench.add_argument("--graphed", action="store_true",
                        help="decode the compiled methods through pqflex.DecodeGraph (a CUDA graph replayed without "
-                            "Dynamo's guards; needs --warmup >= 2) instead of torch.compile's reduce-overhead mode; "
-                            "with --eager it captures the eager step (no compile time)")
+                            "Dynamo's guards; needs --warmup >= 2) instead of torch.compile's reduce-overhead mode, "
+                            "and the pqcache methods' generate() through PQStaticCache(graph=True); with --eager the "
+                            "loop captures the eager step (no compile time) and generate() is not graphed")
     bench.add_argument("--profile", default=None, metavar="DIR",
                        help="after each row's timed steps, profile 3 more (torch.profiler): a Chrome trace and a table "
                             "of ops by host time per rank in DIR")

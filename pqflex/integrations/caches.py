@@ -260,15 +260,25 @@ class PQStaticCache(PQCacheMixin, Cache):
     With ``PQConfig(offload=True)`` the keys and values live in CPU memory (:class:`pqflex.OffloadedKV`); give
     ``max_batch_size`` to allocate that memory here rather than in the first prefill.
 
+    With ``graph=True`` the decode steps of ``generate()`` (and of any forward of one token over this cache) replay
+    the cache's own :class:`pqflex.DecodeGraph` (:meth:`decode_graph`): compiled at the first step, captured as a
+    CUDA graph at the second, then replayed without Dynamo's guards, CUDA-graph trees or the 4-D mask that
+    ``generate()`` otherwise builds every step. transformers then does not compile this cache's forwards itself
+    (:attr:`is_compileable` is False); prompt forwards run eagerly. See
+    :func:`pqflex.integrations.graphs.route_decode_steps` for what goes through the graph.
+
     Args:
         model: the model it serves (attention implementation ``"pqcache"``).
         max_cache_len: tokens to hold per sequence (prompt + new tokens); rounded up to a multiple of 128.
         config: PQ settings; default: what :func:`configure` set on the model, else ``PQConfig()``.
         max_batch_size: offload only: the batch size, to allocate the CPU memory up front.
+        graph: decode steps through the cache's :class:`pqflex.DecodeGraph` (see above).
     """
 
     def __init__(self, model: nn.Module, max_cache_len: int, config: PQConfig | None = None,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | None = None, graph: bool = False) -> None:
+        if not isinstance(graph, bool):
+            raise ValueError(f"graph must be True or False, got {graph!r}")
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
         if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
@@ -283,6 +293,26 @@ class PQStaticCache(PQCacheMixin, Cache):
         self._setup(model, config)
         if offload and max_batch_size is not None:
             self._allocate_stores(model, max_batch_size)
+        self.graph, self._model, self._decode_graph = graph, model, None
+        if graph:
+            from pqflex.integrations.graphs import route_decode_steps  # graphs imports this module
+
+            route_decode_steps(model)
+
+    @property
+    def is_compileable(self) -> bool:
+        """Whether transformers' ``generate()`` compiles this cache's forwards itself: not with ``graph=True``
+        (the cache's :class:`pqflex.DecodeGraph` compiles and captures the decode step)."""
+        return not self.graph
+
+    def decode_graph(self):
+        """The :class:`pqflex.DecodeGraph` of this cache and its model (made at the first call): what a
+        ``graph=True`` cache's decode steps replay."""
+        if self._decode_graph is None:
+            from pqflex.integrations.graphs import COMPILE_BACKEND, DecodeGraph
+
+            self._decode_graph = DecodeGraph(self._model, self, backend=COMPILE_BACKEND)
+        return self._decode_graph
 
     def _allocate_stores(self, model: nn.Module, batch: int) -> None:
         """Offload: allocate every layer's CPU memory now (seconds for long caches), not in the first prefill."""
