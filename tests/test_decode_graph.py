@@ -236,3 +236,22 @@ def graphs_output_field():
     from pqflex.integrations import graphs
 
     return graphs._OUTPUT_CACHE_FIELD
+
+
+def test_beam_search_and_sampling_through_the_caches_decode_graph(monkeypatch):
+    """Beam search (the cache reorders its sequences in place between replays) and sampling give what the plain
+    step gives."""
+    from pqflex.integrations import graphs
+
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", "eager")
+    pq = make("llama")
+    pqflex.configure(pq, SPARSE)
+    ids = prompt(300, batch=2)
+    for kw in (dict(num_beams=2, do_sample=False), dict(do_sample=True, top_k=20)):
+        outs = []
+        for graph in (False, True):
+            torch.manual_seed(3)
+            with torch.no_grad():
+                outs.append(pq.generate(ids, max_new_tokens=6, min_new_tokens=6, **kw, disable_compile=True,
+                                        **{CACHE_KW: PQStaticCache(pq, 330, graph=graph)}))
+        assert torch.equal(*outs), kw
