@@ -338,8 +338,8 @@ def test_bench_rows_at_several_budgets(tmp_path):
 
 
 def test_kernel_breakdown_sorts_the_gpu_time_of_a_step():
-    """GEMMs (cuBLAS, CUTLASS), pqflex's kernels, other libraries' attention, the rest, and idle: the wall time no kernel covers (two kernels
-    running at once count once)."""
+    """GEMMs (cuBLAS, CUTLASS), pqflex's kernels, other libraries' attention, the rest, and idle: the wall time no
+    kernel covers (two kernels running at once count once)."""
     kernels = [("nvjet_tst_128x64_64x4_2x1_v_bz_TNT", 0, 400), ("sm90_xmma_gemm_bf16bf16_bf16f32", 400, 600),
                ("_pq_select_stats_kernel", 650, 700), ("_sparse_decode_attention_kernel", 700, 760),
                ("triton_poi_fused_add_mul_0", 740, 780),  # overlaps the attention kernel by 20 us

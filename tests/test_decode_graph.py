@@ -222,6 +222,7 @@ def test_graph_routing_leaves_every_other_forward_to_the_model():
     with torch.no_grad():
         out = pq(token, **{CACHE_KW: cache}, output_hidden_states=True)  # not routed: hidden states come back
     assert out.hidden_states is not None and cache.decode_graph()._calls == 0
+    assert pq(token, **{CACHE_KW: cache}).logits.requires_grad  # grad mode on: the model's own forward
     with torch.no_grad():
         routed = pq(token, **{CACHE_KW: cache})
     assert routed.hidden_states is None and cache.decode_graph()._calls == 1

@@ -25,6 +25,7 @@ def attention_of(method: str) -> str:
     """The attention implementation a method's model is built with."""
     return "pqcache" if method in PQ_METHODS else "flashinfer" if method == "flashinfer" else "sdpa"
 
+
 _COMMON = dict(hidden_act="silu", rms_norm_eps=1e-5, eos_token_id=None, bos_token_id=None, pad_token_id=None)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the --dtype choices
 
@@ -338,9 +339,9 @@ ATTN_KERNELS = re.compile(r"BatchDecode|SingleDecode|MergeStates|flashinfer|flas
 
 def kernel_breakdown(kernels: list[tuple[str, float, float]], steps: int, wall_ms: float) -> dict[str, float]:
     """Where ``steps`` decode steps that took ``wall_ms`` in all spent the GPU, per step: ``gemm_ms`` (cuBLAS and
-    CUTLASS matmuls), ``pq_ms`` (pqflex's kernels), ``attn_ms`` (other libraries' attention kernels), ``other_ms`` (every other kernel: norms, RoPE, cache writes,
-    inductor's fused elementwise ones), ``idle_ms`` (no kernel running: launch gaps, host work, syncs) and the
-    ``kernels`` launched. ``kernels``: ``(name, start_us, end_us)`` of each GPU kernel; kernels running at once
+    CUTLASS matmuls), ``pq_ms`` (pqflex's kernels), ``attn_ms`` (other libraries' attention kernels), ``other_ms``
+    (every other kernel: norms, RoPE, cache writes, inductor's fused elementwise ones), ``idle_ms`` (no kernel
+    running: launch gaps, host work, syncs) and the ``kernels`` launched. ``kernels``: ``(name, start_us, end_us)`` of each GPU kernel; kernels running at once
     count once towards the busy time."""
     out = {"gemm_ms": 0.0, "pq_ms": 0.0, "attn_ms": 0.0, "other_ms": 0.0}
     busy, reach = 0.0, float("-inf")

@@ -279,6 +279,7 @@ class PQStaticCache(PQCacheMixin, Cache):
                  max_batch_size: int | None = None, graph: bool = False) -> None:
         if not isinstance(graph, bool):
             raise ValueError(f"graph must be True or False, got {graph!r}")
+        self.graph, self._model, self._decode_graph = graph, model, None  # before Cache's init reads is_compileable
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
         if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
@@ -293,7 +294,6 @@ class PQStaticCache(PQCacheMixin, Cache):
         self._setup(model, config)
         if offload and max_batch_size is not None:
             self._allocate_stores(model, max_batch_size)
-        self.graph, self._model, self._decode_graph = graph, model, None
         if graph:
             from pqflex.integrations.graphs import route_decode_steps  # graphs imports this module
 

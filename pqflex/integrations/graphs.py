@@ -178,11 +178,11 @@ def route_decode_steps(model: nn.Module) -> None:
 
     It wraps ``model.forward`` (once; the model's own forward stays ``model.forward.pqflex_own_forward``, and
     ``inspect.signature`` still reads its parameters). Every other forward, and a one-token forward that asks for
-    anything a decode graph does not return (attentions, hidden states, embeddings as input, a loss), runs the
-    model's own forward unchanged. A routed forward reads
-    ``input_ids`` and ``position_ids`` and returns the logits ``[B, 1, vocab]`` (in the graph's buffer, which the
-    next step overwrites: ``generate()`` copies them) and the cache; the attention mask is not read (a decode step
-    of a fixed-capacity pqflex cache takes the padding from its PQ index).
+    anything a decode graph does not return (attentions, hidden states, embeddings as input, a loss, gradients),
+    runs the model's own forward unchanged. A routed forward reads ``input_ids`` and ``position_ids`` and returns
+    the logits ``[B, 1, vocab]`` (in the graph's buffer, which the next step overwrites: ``generate()`` copies them)
+    and the cache; the attention mask is not read (a decode step of a fixed-capacity pqflex cache takes the padding
+    from its PQ index).
     """
     if getattr(model.forward, "pqflex_own_forward", None) is not None:
         return
@@ -204,7 +204,8 @@ def route_decode_steps(model: nn.Module) -> None:
 def _routed_graph(args: tuple, kwargs: dict[str, Any]) -> DecodeGraph | None:
     """The decode graph a forward goes to, or None for the model's own forward."""
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    if not isinstance(cache, PQStaticCache) or not cache.graph or len(args) > 1 or set(kwargs) - _ROUTED_KWARGS:
+    if (not isinstance(cache, PQStaticCache) or not cache.graph or len(args) > 1 or set(kwargs) - _ROUTED_KWARGS
+            or torch.is_grad_enabled()):
         return None
     if kwargs.get("output_attentions") or kwargs.get("output_hidden_states") or kwargs.get("logits_to_keep") not in (
             None, 0, 1) or kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
