@@ -8,7 +8,11 @@ teacher-forced over that sequence, one decode step at a time, from a copy of the
 - ``kl``: ``KL(full || method)`` of the next-token distribution (nats), the mean over the window's steps;
 - ``recall`` (PQ-scored methods): per layer, KV head and step, the share of the exact top-k that the PQ selection
   kept: ``|PQ top-k ∩ exact top-k| / |exact top-k|``, where the exact top-k takes the same candidates, budget and GQA
-  aggregation scored by exact ``q . k``; averaged over heads and steps, per layer, and the mean over layers.
+  aggregation scored by exact ``q . k``; averaged over heads and steps, per layer, and the mean over layers;
+- ``recall_prompt``: the same with the candidates cut to the prompt's tokens (a pool that does not grow, keys
+  encoded with the centroids trained on them): what changes there comes from the queries alone;
+- ``recall_generated``: of the exact top-k's generated tokens (keys encoded with the prompt's centroids), the share
+  the PQ selection kept (steps and heads whose exact top-k holds none are left out).
 
 Generated keys are encoded with the prompt's centroids (no re-clustering), so a recall that decays over the window
 index is the drift that other papers report. The context: pqflex's own source files, then an instruction that asks
@@ -69,8 +73,9 @@ class RecallProbe:
     after pqflex's step, the layer's index selects again for the same query (the same top-k the step used) and the
     exact scores of the cached keys select under the same candidates, budget and GQA aggregation."""
 
-    def __init__(self) -> None:
-        self.step: dict[int, float] = {}  # layer -> recall at the current step
+    def __init__(self, prompt: int) -> None:
+        self.prompt = prompt  # tokens of the prompt: positions >= prompt were generated
+        self.step: dict[int, dict[str, float]] = {}  # layer -> recalls at the current step
 
     @contextlib.contextmanager
     def active(self) -> Iterator[RecallProbe]:
@@ -88,22 +93,28 @@ class RecallProbe:
         index = None if layer is None else layer.index
         if query.shape[-2] == 1 and index is not None and index.quantizer is not None and index.k_max > 0:
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-            self.step[module.layer_idx] = selection_recall(index, query, key, scale)
+            self.step[module.layer_idx] = selection_recall(index, query, key, scale, self.prompt)
         return out
 
 
-def selection_recall(index, query: torch.Tensor, key: torch.Tensor, scale: float) -> float:
-    """Mean over sequences and KV heads of ``|PQ top-k ∩ exact top-k| / |exact top-k|`` for a decode step's
-    ``query [B, H, 1, D]`` over ``key [B, Hkv, n, D]`` (every cached token, the new one included)."""
+def selection_recall(index, query: torch.Tensor, key: torch.Tensor, scale: float, prompt: int) -> dict[str, float]:
+    """Recalls of a decode step's ``query [B, H, 1, D]`` over ``key [B, Hkv, n, D]`` (every cached token, the new
+    one included): ``all`` (mean over sequences and KV heads of ``|PQ top-k ∩ exact top-k| / |exact top-k|``),
+    ``prompt`` (both selections over the candidates before position ``prompt`` only) and ``generated`` (of the exact
+    top-k's tokens at ``prompt`` and after, the share PQ kept; NaN if there are none)."""
     n = key.shape[-2]
     B, H, _, D = query.shape
     Hkv = key.shape[1]
-    pq = index.topk_tokens(query, n, scale)  # [B, Hkv, W]
-    q = query.reshape(B, Hkv, H // Hkv, D).float()
-    exact_scores = torch.einsum("bhgd,bhnd->bhgn", q, key.float()) * scale
+    pq = index.topk_tokens(query, n, scale)  # [B, Hkv, W]: the step's own selection
+    q = query.reshape(B, Hkv, H // Hkv, D)
+    exact_scores = torch.einsum("bhgd,bhnd->bhgn", q.float(), key.float()) * scale
     lo, hi = portable.candidate_range(index.spans, n, n)
     exact = portable.select_from_scores(exact_scores, lo, hi, index.topk, index.k_max)
-    return overlap(pq, exact, n)
+    cut = hi.clamp(max=prompt)
+    pq_prompt = portable.select_from_scores(index.scores(q, scale), lo, cut, index.topk, index.k_max)
+    exact_prompt = portable.select_from_scores(exact_scores, lo, cut, index.topk, index.k_max)
+    return {"all": overlap(pq, exact, n), "prompt": overlap(pq_prompt, exact_prompt, n),
+            "generated": overlap(pq, torch.where(exact >= prompt, exact, -1), n)}
 
 
 def overlap(selected: torch.Tensor, wanted: torch.Tensor, n: int) -> float:
@@ -145,7 +156,7 @@ def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tu
         config = PQConfig.for_method(method, **settings, **({} if method == "full" else {"budget": budget}))
         pqflex.configure(model, config)
         cache = PQCache.from_prefill(model, prefilled, config)
-        probe = RecallProbe()
+        probe = RecallProbe(C)
         t0 = time.perf_counter()
         with probe.active():
             for w, full in enumerate(full_logp):
@@ -159,18 +170,37 @@ def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tu
                     kl.append(float((full[i].exp() * (full[i] - logp)).sum()))
                     if probe.step:
                         recalls.append([probe.step[k] for k in sorted(probe.step)])
-                per_layer = [statistics.fmean(r[j] for r in recalls) for j in range(len(recalls[0]))] if recalls \
-                    else []
+                per_layer = {kind: _per_layer(recalls, kind) for kind in ("all", "prompt", "generated")}
                 rows.append(dict(method=method, budget=budget, window=w, first_step=w * window,
                                  steps=full.shape[0], context=C, top1=statistics.fmean(top1), kl=statistics.fmean(kl),
-                                 recall=statistics.fmean(per_layer) if per_layer else None,
-                                 recall_per_layer=per_layer))
+                                 recall=_mean(per_layer["all"]), recall_prompt=_mean(per_layer["prompt"]),
+                                 recall_generated=_mean(per_layer["generated"]),
+                                 recall_per_layer=per_layer["all"]))
                 r = rows[-1]
+                shown = " ".join(f"{k} {'-' if r[k] is None else format(r[k], '.3f')}"
+                                 for k in ("recall", "recall_prompt", "recall_generated"))
                 log(f"{method} {budget}: window {w} (steps {r['first_step']}..): top1 {r['top1']:.3f} kl "
-                    f"{r['kl']:.4f} recall {'-' if r['recall'] is None else format(r['recall'], '.3f')}")
+                    f"{r['kl']:.4f} {shown}")
         log(f"{method} {budget}: teacher-forced {steps} steps in {time.perf_counter() - t0:.0f} s")
     model.set_attn_implementation("sdpa")
     return dict(context=C, new_tokens=new_tokens, window=window, rows=rows)
+
+
+def _per_layer(recalls: list[list[dict[str, float]]], kind: str) -> list[float]:
+    """Per layer, the mean over steps of one kind of recall (NaN steps left out; NaN if all are)."""
+    if not recalls:
+        return []
+    out = []
+    for j in range(len(recalls[0])):
+        values = [r[j][kind] for r in recalls if not math.isnan(r[j][kind])]
+        out.append(statistics.fmean(values) if values else math.nan)
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    """The mean of the non-NaN values; None if there are none."""
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(kept) if kept else None
 
 
 def plot(data: dict[str, Any], path: str) -> None:
@@ -180,17 +210,20 @@ def plot(data: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    recalls = {"recall": "-", "recall_prompt": "--", "recall_generated": ":"}  # line style of each kind
     for key, ax in zip(("top1", "kl", "recall"), axes):
         for label in dict.fromkeys(f"{r['method']} {r['budget']}" for r in data["rows"]):
-            rows = [r for r in data["rows"] if f"{r['method']} {r['budget']}" == label and r[key] is not None]
-            if rows:
-                ax.plot([r["first_step"] + r["steps"] / 2 for r in rows], [r[key] for r in rows], marker="o",
-                        label=label)
+            for kind, style in (recalls.items() if key == "recall" else [(key, "-")]):
+                rows = [r for r in data["rows"] if f"{r['method']} {r['budget']}" == label and r.get(kind) is not None]
+                if rows:
+                    ax.plot([r["first_step"] + r["steps"] / 2 for r in rows], [r[kind] for r in rows], marker="o",
+                            linestyle=style, label=label if key != "recall" else f"{label}: {kind}")
         ax.set_xlabel("generated tokens")
         ax.set_title({"top1": "top-1 agreement with full attention", "kl": "KL(full || method), nats",
                       "recall": "recall of the exact top-k (mean over layers)"}[key])
         ax.grid(alpha=0.3)
     axes[0].legend()
+    axes[2].legend(fontsize=7)
     fig.suptitle(f"{data.get('model', '')}: {data['context']}-token context, {data['new_tokens']} generated")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -34,8 +34,9 @@ def test_a_long_generation_report_per_window():
         assert r["top1"] == 1.0 and r["kl"] == pytest.approx(0.0, abs=1e-5) and r["recall"] is None
     for r in rows[3:6]:
         assert 0.0 < r["recall"] < 1.0 and len(r["recall_per_layer"]) == model.config.num_hidden_layers
-        assert 0.0 <= r["top1"] <= 1.0 and r["kl"] > 0.0
-    assert all(r["recall"] is None for r in rows[6:])
+        assert 0.0 < r["recall_prompt"] < 1.0 and 0.0 <= r["top1"] <= 1.0 and r["kl"] > 0.0
+        assert r["recall_generated"] is None or 0.0 <= r["recall_generated"] <= 1.0
+    assert all(r["recall"] is r["recall_prompt"] is r["recall_generated"] is None for r in rows[6:])
     assert model.config._attn_implementation == "sdpa"  # left as found
     assert pqflex.integrations.attention.pqcache_attention_forward is not None
 
@@ -46,14 +47,14 @@ def test_recall_is_one_where_the_pq_scores_rank_as_the_exact_ones(monkeypatch):
     model = make("llama")
     real = lg.selection_recall
 
-    def exact_as_pq(index, query, key, scale):
+    def exact_as_pq(index, query, key, scale, prompt):
         B, H, _, D = query.shape
         q = query.reshape(B, key.shape[1], H // key.shape[1], D).float()
         index.topk_tokens = lambda query, n, scale: pqflex.ops.portable.select_from_scores(
             torch.einsum("bhgd,bhnd->bhgn", q, key.float()) * scale,
             *pqflex.ops.portable.candidate_range(index.spans, n, n), index.topk, index.k_max)
         try:  # for the probe's selection only; the step itself ran with PQ scores
-            return real(index, query, key, scale)
+            return real(index, query, key, scale, prompt)
         finally:
             del index.topk_tokens
 
@@ -61,6 +62,7 @@ def test_recall_is_one_where_the_pq_scores_rank_as_the_exact_ones(monkeypatch):
     data = lg.run(model, prompt(400), 8, 5, [("pqcache", 48)], COARSE,
                   log=lambda *_: None)
     assert [r["recall"] for r in data["rows"]] == [1.0, 1.0]
+    assert [r["recall_generated"] for r in data["rows"]] in ([1.0, 1.0], [None, 1.0], [1.0, None], [None, None])
 
 
 def test_context_ids_are_the_sources_then_the_instruction():
@@ -73,3 +75,22 @@ def test_context_ids_are_the_sources_then_the_instruction():
     assert ids.shape == (1, 3000) and tok.decode(ids[0, -30:]).endswith("import pytest\n")
     with pytest.raises(ValueError, match="--context must exceed the instruction's"):
         lg.context_ids(tok, 10)
+
+
+def test_the_three_recalls_meet_at_the_ends_of_the_prompt():
+    """With every cached token counted as generated (prompt 0), the generated tokens' recall is the whole recall;
+    with every token counted as prompt, the prompt pool's recall is the whole recall and nothing is generated."""
+    torch.manual_seed(0)
+    B, H, Hkv, D, n = 2, 8, 2, 16, 600
+    key = torch.randn(B, Hkv, n, D)
+    query = torch.randn(B, H, 1, D)
+    index = pqflex.PQIndex.build(key[:, :, :n - 1], pqflex.PQConfig(budget=64, sink_size=4, min_context=0, niter=4,
+                                                                     M=2, nbits=2))
+    index.append(key[:, :, n - 1:])
+    whole = lg.selection_recall(index, query, key, D ** -0.5, prompt=n)
+    assert 0.0 < whole["all"] < 1.0 and whole["prompt"] == pytest.approx(whole["all"])
+    assert math.isnan(whole["generated"])
+    all_generated = lg.selection_recall(index, query, key, D ** -0.5, prompt=0)
+    assert all_generated["generated"] == pytest.approx(whole["all"]) and all_generated["all"] == whole["all"]
+    half = lg.selection_recall(index, query, key, D ** -0.5, prompt=n // 2)
+    assert 0.0 <= half["prompt"] <= 1.0 and 0.0 <= half["generated"] <= 1.0
