@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 import pqflex
-from pqflex import CACHE_KWARG, PQCache, PQConfig
+from pqflex import CACHE_KWARG, PQCache, PQConfig, PQIndex
 from pqflex.config import parse_budget
 from pqflex.harness.bench_report import environment
 from pqflex.harness.models import load_model
@@ -132,8 +132,12 @@ def overlap(selected: torch.Tensor, wanted: torch.Tensor, n: int) -> float:
 
 @torch.no_grad()
 def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tuple[str, float | int]],
-        settings: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
-    """Generate ``new_tokens`` with full attention after ``ids``, teacher-force each method; rows per window."""
+        settings: dict[str, Any] | None = None, log=print, refresh: int | None = None) -> dict[str, Any]:
+    """Generate ``new_tokens`` with full attention after ``ids``, teacher-force each method; rows per window.
+
+    ``refresh`` (an experiment for item 4 of issue #29, not a library feature): every ``refresh`` steps, rebuild
+    each layer's PQ index over all cached keys (k-means on the prompt's and the generated keys, every code again),
+    with the budget held at the prompt's tokens, so top-k does not change."""
     settings = settings or {}
     model.set_attn_implementation("sdpa")
     t0 = time.perf_counter()
@@ -163,6 +167,8 @@ def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tu
                 top1, kl, recalls = [], [], []
                 for i in range(full.shape[0]):
                     t = w * window + i
+                    if refresh and t and t % refresh == 0 and config.scorer == "pq":
+                        _rebuild(cache, config, C)
                     probe.step.clear()
                     logits = model(seq[:, t:t + 1], **{CACHE_KWARG: cache}).logits[0, -1].float()
                     logp = F.log_softmax(logits, -1)
@@ -171,7 +177,7 @@ def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tu
                     if probe.step:
                         recalls.append([probe.step[k] for k in sorted(probe.step)])
                 per_layer = {kind: _per_layer(recalls, kind) for kind in ("all", "prompt", "generated")}
-                rows.append(dict(method=method, budget=budget, window=w, first_step=w * window,
+                rows.append(dict(method=method, budget=budget, refresh=refresh, window=w, first_step=w * window,
                                  steps=full.shape[0], context=C, top1=statistics.fmean(top1), kl=statistics.fmean(kl),
                                  recall=_mean(per_layer["all"]), recall_prompt=_mean(per_layer["prompt"]),
                                  recall_generated=_mean(per_layer["generated"]),
@@ -184,6 +190,17 @@ def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tu
         log(f"{method} {budget}: teacher-forced {steps} steps in {time.perf_counter() - t0:.0f} s")
     model.set_attn_implementation("sdpa")
     return dict(context=C, new_tokens=new_tokens, window=window, rows=rows)
+
+
+def _rebuild(cache: PQCache, config: PQConfig, prompt: int) -> None:
+    """Every layer's index built again over all its cached keys, at the budget the prompt's length resolved to."""
+    fixed = config.resolve_budget(prompt)
+    held = config.replace(budget=fixed.sink_size + fixed.recent_size + fixed.topk)
+    for i, layer in cache.pq_state.layers.items():
+        keys = cache.layers[i].keys
+        index = PQIndex.build(keys, held)
+        assert index.k_max == layer.index.k_max, (index.k_max, layer.index.k_max)  # the same top-k width
+        layer.set_index(index)
 
 
 def _per_layer(recalls: list[list[dict[str, float]]], kind: str) -> list[float]:
@@ -247,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="METHOD:BUDGET,... (methods of PQConfig.for_method)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
+    p.add_argument("--refresh", type=int, default=None,
+                   help="experiment: rebuild every layer's PQ index over all cached keys every N steps")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     a = p.parse_args(argv)
@@ -255,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     path = materialize_model(a.model) if a.model in NAMES else a.model
     model, tokenizer = load_model(path, "sdpa", {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype], a.device)
     ids = context_ids(tokenizer, a.context).to(a.device)
-    data = run(model, ids, a.new, a.window, a.methods)
+    data = run(model, ids, a.new, a.window, a.methods, refresh=a.refresh)
     data.update(model=str(a.model), dtype=a.dtype, environment=environment(a.device),
                 command="python -m evals.long_generation " + " ".join(argv if argv is not None else __import__(
                     "sys").argv[1:]))

@@ -94,3 +94,22 @@ def test_the_three_recalls_meet_at_the_ends_of_the_prompt():
     assert all_generated["generated"] == pytest.approx(whole["all"]) and all_generated["all"] == whole["all"]
     half = lg.selection_recall(index, query, key, D ** -0.5, prompt=n // 2)
     assert 0.0 <= half["prompt"] <= 1.0 and 0.0 <= half["generated"] <= 1.0
+
+
+def test_refresh_rebuilds_every_index_over_the_generated_keys_at_the_same_top_k():
+    model = make("llama")
+    built = []
+    real = pqflex.PQIndex.build
+
+    def build(key, config, *args, **kwargs):
+        built.append(key.shape[2])
+        return real(key, config, *args, **kwargs)
+
+    pqflex.PQIndex.build = build
+    try:
+        data = lg.run(model, prompt(400), 9, 4, [("pqcache", 48)], COARSE, log=lambda *_: None, refresh=4)
+    finally:
+        pqflex.PQIndex.build = real
+    layers = model.config.num_hidden_layers
+    assert built == [404] * layers  # at step 4, over the 404 cached keys (the prompt was indexed by from_prefill)
+    assert [r["refresh"] for r in data["rows"]] == [4, 4] and all(0 < r["recall"] <= 1 for r in data["rows"])
