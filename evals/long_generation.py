@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 import pqflex
-from pqflex import CACHE_KWARG, PQCache, PQConfig, PQIndex
+from pqflex import CACHE_KWARG, PQCache, PQConfig
 from pqflex.config import parse_budget
 from pqflex.harness.bench_report import environment
 from pqflex.harness.models import load_model
@@ -131,19 +131,24 @@ def overlap(selected: torch.Tensor, wanted: torch.Tensor, n: int) -> float:
 
 
 @torch.no_grad()
-def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tuple[str, float | int]],
-        settings: dict[str, Any] | None = None, log=print, refresh: int | None = None) -> dict[str, Any]:
+def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tuple],
+        settings: dict[str, Any] | None = None, log=print, generated: list[int] | None = None) -> dict[str, Any]:
     """Generate ``new_tokens`` with full attention after ``ids``, teacher-force each method; rows per window.
 
-    ``refresh`` (an experiment for item 4 of issue #29, not a library feature): every ``refresh`` steps, rebuild
-    each layer's PQ index over all cached keys (k-means on the prompt's and the generated keys, every code again),
-    with the budget held at the prompt's tokens, so top-k does not change."""
+    ``methods``: ``(method, budget)`` or ``(method, budget, {setting: value})`` (PQConfig fields on top of
+    ``settings`` for that method alone, e.g. ``{"refresh": 256}``). ``generated``: full attention's tokens from an
+    earlier run of the same model and context (``data["generated"]``), instead of generating them again."""
     settings = settings or {}
     model.set_attn_implementation("sdpa")
     t0 = time.perf_counter()
-    seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False)[:, ids.shape[1]:]
-    log(f"full attention generated {new_tokens} tokens in {time.perf_counter() - t0:.0f} s")
+    if generated is not None:
+        if len(generated) < new_tokens:
+            raise ValueError(f"the given generation holds {len(generated)} tokens, fewer than new_tokens={new_tokens}")
+        seq = torch.tensor([generated[:new_tokens]], device=ids.device)
+    else:
+        seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False)[:, ids.shape[1]:]
+        log(f"full attention generated {new_tokens} tokens in {time.perf_counter() - t0:.0f} s")
     C = ids.shape[1]
     dense = DynamicCache(config=model.config)
     model(ids, **{CACHE_KWARG: dense}, logits_to_keep=1)
@@ -156,8 +161,9 @@ def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tu
         chunk = seq[:, t0:min(t0 + window, steps)]
         full_logp.append(F.log_softmax(model(chunk, **{CACHE_KWARG: dense}).logits[0].float(), -1))
     rows = []
-    for method, budget in methods:
-        config = PQConfig.for_method(method, **settings, **({} if method == "full" else {"budget": budget}))
+    for method, budget, *extra in methods:
+        extra = extra[0] if extra else {}
+        config = PQConfig.for_method(method, **{**settings, **extra}, **({} if method == "full" else {"budget": budget}))
         pqflex.configure(model, config)
         cache = PQCache.from_prefill(model, prefilled, config)
         probe = RecallProbe(C)
@@ -167,8 +173,6 @@ def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tu
                 top1, kl, recalls = [], [], []
                 for i in range(full.shape[0]):
                     t = w * window + i
-                    if refresh and t and t % refresh == 0 and config.scorer == "pq":
-                        _rebuild(cache, config, C)
                     probe.step.clear()
                     logits = model(seq[:, t:t + 1], **{CACHE_KWARG: cache}).logits[0, -1].float()
                     logp = F.log_softmax(logits, -1)
@@ -177,7 +181,8 @@ def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tu
                     if probe.step:
                         recalls.append([probe.step[k] for k in sorted(probe.step)])
                 per_layer = {kind: _per_layer(recalls, kind) for kind in ("all", "prompt", "generated")}
-                rows.append(dict(method=method, budget=budget, refresh=refresh, window=w, first_step=w * window,
+                rows.append(dict(method=method, budget=budget, settings=extra, label=_label(method, budget, extra),
+                                 refreshes=_refreshes(cache), window=w, first_step=w * window,
                                  steps=full.shape[0], context=C, top1=statistics.fmean(top1), kl=statistics.fmean(kl),
                                  recall=_mean(per_layer["all"]), recall_prompt=_mean(per_layer["prompt"]),
                                  recall_generated=_mean(per_layer["generated"]),
@@ -185,22 +190,23 @@ def run(model, ids: torch.Tensor, new_tokens: int, window: int, methods: list[tu
                 r = rows[-1]
                 shown = " ".join(f"{k} {'-' if r[k] is None else format(r[k], '.3f')}"
                                  for k in ("recall", "recall_prompt", "recall_generated"))
-                log(f"{method} {budget}: window {w} (steps {r['first_step']}..): top1 {r['top1']:.3f} kl "
+                log(f"{r['label']}: window {w} (steps {r['first_step']}..): top1 {r['top1']:.3f} kl "
                     f"{r['kl']:.4f} {shown}")
-        log(f"{method} {budget}: teacher-forced {steps} steps in {time.perf_counter() - t0:.0f} s")
+        log(f"{_label(method, budget, extra)}: teacher-forced {steps} steps in {time.perf_counter() - t0:.0f} s")
     model.set_attn_implementation("sdpa")
-    return dict(context=C, new_tokens=new_tokens, window=window, rows=rows)
+    return dict(context=C, new_tokens=new_tokens, window=window, rows=rows, generated=seq[0].tolist())
 
 
-def _rebuild(cache: PQCache, config: PQConfig, prompt: int) -> None:
-    """Every layer's index built again over all its cached keys, at the budget the prompt's length resolved to."""
-    fixed = config.resolve_budget(prompt)
-    held = config.replace(budget=fixed.sink_size + fixed.recent_size + fixed.topk)
-    for i, layer in cache.pq_state.layers.items():
-        keys = cache.layers[i].keys
-        index = PQIndex.build(keys, held)
-        assert index.k_max == layer.index.k_max, (index.k_max, layer.index.k_max)  # the same top-k width
-        layer.set_index(index)
+def _label(method: str, budget: float | int, extra: dict[str, Any]) -> str:
+    return " ".join([method, str(budget), *(f"{k}={v}" for k, v in extra.items())])
+
+
+def _refreshes(cache: PQCache) -> int:
+    """Index refreshes so far (PQConfig.refresh): the first layer's, tokens past its build over the interval."""
+    layer = cache.pq_layers[0] if cache.pq_layers else None
+    if layer is None or not layer.config.refresh:
+        return 0
+    return (layer.refreshed_at - layer.prompt_tokens) // layer.config.refresh
 
 
 def _per_layer(recalls: list[list[dict[str, float]]], kind: str) -> list[float]:
@@ -229,9 +235,9 @@ def plot(data: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     recalls = {"recall": "-", "recall_prompt": "--", "recall_generated": ":"}  # line style of each kind
     for key, ax in zip(("top1", "kl", "recall"), axes):
-        for label in dict.fromkeys(f"{r['method']} {r['budget']}" for r in data["rows"]):
+        for label in dict.fromkeys(r["label"] for r in data["rows"]):
             for kind, style in (recalls.items() if key == "recall" else [(key, "-")]):
-                rows = [r for r in data["rows"] if f"{r['method']} {r['budget']}" == label and r.get(kind) is not None]
+                rows = [r for r in data["rows"] if r["label"] == label and r.get(kind) is not None]
                 if rows:
                     ax.plot([r["first_step"] + r["steps"] / 2 for r in rows], [r[kind] for r in rows], marker="o",
                             linestyle=style, label=label if key != "recall" else f"{label}: {kind}")
@@ -246,12 +252,28 @@ def plot(data: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _methods(text: str) -> list[tuple[str, float | int]]:
+def _methods(text: str) -> list[tuple[str, float | int, dict[str, Any]]]:
+    """``METHOD[:BUDGET[:KEY=VALUE...]],...`` e.g. ``pqcache:0.1,pqcache:0.1:refresh=256`` (ints, floats or words)."""
     out = []
     for item in text.split(","):
-        method, _, budget = item.partition(":")
-        out.append((method, parse_budget(budget or "0.1")))
+        method, budget, *pairs = item.split(":") + [""] * (":" not in item)
+        extra = {}
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or not key:
+                raise ValueError(f"a method setting must be KEY=VALUE, got {pair!r} in {item!r}")
+            extra[key] = _value(value)
+        out.append((method, parse_budget(budget or "0.1"), extra))
     return out
+
+
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,11 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", type=int, default=8192, help="tokens full attention generates")
     p.add_argument("--window", type=int, default=512, help="steps per reported window")
     p.add_argument("--methods", type=_methods, default=_methods("pqcache:0.1,pqcache:2048,oracle:0.1"),
-                   help="METHOD:BUDGET,... (methods of PQConfig.for_method)")
+                   help="METHOD:BUDGET[:KEY=VALUE...],... (methods of PQConfig.for_method, PQConfig fields for that "
+                        "method, e.g. pqcache:0.1:refresh=256)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
-    p.add_argument("--refresh", type=int, default=None,
-                   help="experiment: rebuild every layer's PQ index over all cached keys every N steps")
+    p.add_argument("--reuse", default=None,
+                   help="a JSON of an earlier run (same model, context and dtype): teacher-force its generation "
+                        "instead of generating again")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     a = p.parse_args(argv)
@@ -274,7 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     path = materialize_model(a.model) if a.model in NAMES else a.model
     model, tokenizer = load_model(path, "sdpa", {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype], a.device)
     ids = context_ids(tokenizer, a.context).to(a.device)
-    data = run(model, ids, a.new, a.window, a.methods, refresh=a.refresh)
+    generated = None
+    if a.reuse:
+        earlier = json.loads(Path(a.reuse).read_text())
+        mismatch = {k: (earlier.get(k), v) for k, v in (("model", str(a.model)), ("context", a.context),
+                                                         ("dtype", a.dtype)) if earlier.get(k) != v}
+        if mismatch or "generated" not in earlier:
+            p.error(f"--reuse {a.reuse}: not a run of the same model, context and dtype with its generation "
+                    f"(differs: {mismatch or 'no generated tokens'})")
+        generated = earlier["generated"]
+    data = run(model, ids, a.new, a.window, a.methods, generated=generated)
     data.update(model=str(a.model), dtype=a.dtype, environment=environment(a.device),
                 command="python -m evals.long_generation " + " ".join(argv if argv is not None else __import__(
                     "sys").argv[1:]))

@@ -113,6 +113,15 @@ class PQConfig:
             (rounded to whole ``hot_block`` units); ``0`` disables it (every selected token is read from CPU memory).
         hot_block: offload only: tokens per unit of the hot cache; a selected token that misses brings its whole
             unit in (1 = single tokens; the original PQCache caches 128-token blocks).
+        refresh: every ``refresh`` decoded tokens, each layer's index is refreshed: its centroids retrained on the
+            middle keys cached so far, the prompt's and the generated ones (warm-started from the current
+            centroids, ``refresh_niter`` Lloyd iterations, the same training sample cap), and every cached key
+            encoded again (:meth:`pqflex.PQIndex.refresh`). Generated keys are otherwise encoded with centroids
+            trained on the prompt, and the selection's recall decays over long generations (EVALS.md, "Long
+            generations"). The budget stays the one resolved at the prompt. ``0`` never refreshes. It runs on the
+            host between decode steps: eager steps, :class:`pqflex.DecodeGraph` and ``PQStaticCache(graph=True)``
+            do it; a decode step compiled any other way refuses a config with ``refresh``. Not with ``offload``.
+        refresh_niter: Lloyd iterations of a refresh.
     """
 
     M: int = 8
@@ -135,6 +144,8 @@ class PQConfig:
     offload: bool = False
     hot_ratio: float = 0.45
     hot_block: int = 1
+    refresh: int = 0
+    refresh_niter: int = 3
 
     def __post_init__(self) -> None:
         _check_int("M", self.M, 1)
@@ -167,6 +178,11 @@ class PQConfig:
             raise ValueError(f"PQConfig.offload must be a bool, got {self.offload!r}")
         _check_float("hot_ratio", self.hot_ratio, 0.0, 4.0)
         _check_int("hot_block", self.hot_block, 1, 4096)
+        _check_int("refresh", self.refresh, 0)
+        _check_int("refresh_niter", self.refresh_niter, 1)
+        if self.offload and self.refresh:
+            raise ValueError(f"PQConfig.refresh={self.refresh} is not supported with offload=True (the keys live in "
+                             "CPU memory); allowed there: refresh=0")
         if self.offload and (self.scorer != "pq" or self.selection != "token"):
             raise ValueError(f"PQConfig.offload=True needs scorer='pq' and selection='token', got "
                              f"scorer={self.scorer!r}, selection={self.selection!r}")

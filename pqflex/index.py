@@ -349,6 +349,40 @@ class PQIndex:
         spare[:, :, N:N + S] = new
         self.codes = spare[:, :, :N + S]
 
+    def refresh(self, key: torch.Tensor, n: int, niter: int | None = None) -> None:
+        """Retrain the centroids on the middle keys of the first ``n`` cached tokens and encode those ``n`` keys again,
+        in place (a compiled or CUDA-graphed step keeps reading the same buffers).
+
+        Each sequence trains on its tokens in ``[start + sink, n - recent)``, at most ``config.train_points * ksub``
+        of them at an even stride (as :meth:`build` does), starting from its current centroids; a sequence without
+        such a token (dense) keeps its centroids. The budgets do not change. ``n`` is a host int (no sync).
+
+        Args:
+            key: ``[B, Hkv, >= n, D]`` the cached keys (a growing cache's, or a fixed-capacity buffer).
+            n: tokens cached and indexed so far.
+            niter: Lloyd iterations; default ``config.refresh_niter``.
+        """
+        if self.quantizer is None or self.dense:  # the exact scorer reads the keys; a dense index has no codes
+            return
+        if key.dim() != 4 or key.shape[:2] != self.codes.shape[:2] or not 1 <= n <= min(key.shape[2], self.num_tokens):
+            raise ValueError(f"refresh needs keys [B, Hkv, >= n, D] with B, Hkv = {tuple(self.codes.shape[:2])} and "
+                             f"1 <= n <= {self.num_tokens} indexed rows, got {tuple(key.shape)} and n={n}")
+        config = self.config
+        B, Hkv, _, D = key.shape
+        keys = key[:, :, :n]
+        order, mask = training_sample(middle_tokens(self.start, self.sink, self.recent, n),
+                                      config.train_points * config.ksub)
+        T = order.shape[-1]
+        sample = keys.gather(2, order[:, None, :, None].expand(B, Hkv, T, D))
+        mask = mask[:, None, :].expand(B, Hkv, T)
+        init = self.quantizer.centroids
+        if config.kmeans_device == "cpu":
+            sample, mask, init = sample.cpu(), mask.cpu(), init.cpu()
+        pq = ProductQuantizer(D, config.M, config.nbits).train(
+            sample, mask, niter=config.refresh_niter if niter is None else niter, seed=config.seed, init=init)
+        self.quantizer.centroids.copy_(pq.centroids)
+        self.codes[:, :, :n].copy_(self._encode(keys))
+
     def _encode(self, key: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, Hkv, S, M]`` of keys ``[B, Hkv, S, D]`` with each head's centroids: the ``pq_encode`` op
         (:meth:`ProductQuantizer.encode`'s math, called here so that a decode step reaches the op directly)."""

@@ -51,6 +51,8 @@ class PQLayer:
         prompt_tokens: tokens of the prompt so far (0 before the first prefill).
         decoding: True once a decode step ran or the cache was cropped; later multi-token forwards are steps, not
             prompt chunks.
+        length: tokens indexed, counted on the host (the prompt, plus every step's tokens: see :meth:`begin_step`).
+        refreshed_at: ``length`` when the index was built or last refreshed (``PQConfig.refresh``).
     """
 
     def __init__(self, config: PQConfig, capacity: int | None = None, deferred: bool = False) -> None:
@@ -69,6 +71,7 @@ class PQLayer:
         self.prompt_tokens = 0
         self.decoding = False
         self.prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None  # keys and padding not yet indexed
+        self.length = self.refreshed_at = 0
 
     def __repr__(self) -> str:
         state = "decoding" if self.decoding else f"prompt of {self.prompt_tokens} tokens"
@@ -77,6 +80,7 @@ class PQLayer:
     def reset(self) -> None:
         """Forget the sequence: the next forward starts a new prompt (an offloaded store keeps its memory)."""
         self.index, self.prompt_tokens, self.decoding, self.prompt, self.job = None, 0, False, None, None
+        self.length = self.refreshed_at = 0
 
     def update_kv(self, key: torch.Tensor, value: torch.Tensor, cached: torch.Tensor | int,
                   stream: torch.cuda.Stream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +186,12 @@ class PQLayer:
                 new, kv, keys = key, self.store, self.store.keys
             else:
                 new, kv, keys = key.index_select(2, (n - 1).reshape(1)), ResidentKV(key, value, self.backend), key
+            eager = not torch.compiler.is_compiling()  # a compiled step's count is kept by its caller
+            if eager:
+                self.begin_step(keys, self.length)
             self.index.append(new, n - 1)
+            if eager:
+                self.length += 1
             return kv.attend(query, self.index.plan(query, n, scale, keys), scale)
         N = key.shape[-2]
         check_attention_inputs(query, key, value, self.config)
@@ -201,8 +210,24 @@ class PQLayer:
                                f"step but the PQ index covers {index.num_tokens} tokens of {index.codes.shape[0]}; "
                                "the cache was changed outside pqflex (reset() it for a new sequence)")
         self.decoding = True
+        if not torch.compiler.is_compiling():
+            self.begin_step(key, N - S)
         index.append(key[:, :, N - S:])
+        self.length = N
         return ResidentKV(key, value, self.backend).attend(query, index.plan(query, N, scale, key), scale)
+
+    def begin_step(self, key: torch.Tensor, cached: int) -> None:
+        """Host bookkeeping before a step over ``cached`` indexed tokens (``key [B, Hkv, >= cached, D]``): refresh the
+        index (:meth:`pqflex.PQIndex.refresh`) once ``config.refresh`` tokens were decoded since it was built or last
+        refreshed. The same ``cached`` twice refreshes at most once. Eager steps call it themselves; the caller of a
+        compiled or captured step calls it before the step (:class:`pqflex.DecodeGraph` does) and sets
+        :attr:`length` after it.
+        """
+        self.length = cached
+        every = self.config.refresh
+        if every and self.index is not None and cached - self.refreshed_at >= every:
+            self.index.refresh(key, cached)
+            self.refreshed_at = cached
 
     def check_select_batch(self) -> None:
         """Raise (changing nothing) if :meth:`select_batch` would refuse."""
@@ -253,6 +278,7 @@ class PQLayer:
             self.index.truncate(n)
         if self.store is not None:
             self.store.crop(n)
+        self.length, self.refreshed_at = min(self.length, n), min(self.refreshed_at, n)
 
     @property
     def nbytes(self) -> int:
@@ -262,6 +288,7 @@ class PQLayer:
     def set_index(self, index: PQIndex) -> None:
         """Take the index of the recorded prompt (built by the owner of a deferred runtime)."""
         self.index, self.prompt = index, None
+        self.length = self.refreshed_at = self.prompt_tokens
         self._mark_static(index)
 
     def _build(self, key: torch.Tensor, kv_mask: torch.Tensor | None) -> None:
@@ -311,6 +338,9 @@ class PQCacheState:
             raise ValueError("a fixed-capacity PQCacheState needs num_layers")
         self.capacity, self.num_layers = capacity, num_layers
         self.layers: dict[int, PQLayer] = {}
+        # A caller keeps each layer's step count and refresh on the host (PQLayer.begin_step) around compiled steps:
+        # set by pqflex.DecodeGraph. Without one, a compiled step refuses a config with PQConfig.refresh.
+        self.host_steps = False
         self._stream: torch.cuda.Stream | None = None  # k-means beside the prefill
         self._copy_stream: torch.cuda.Stream | None = None  # offload: prompt rows to CPU memory
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # CPU k-means
@@ -328,6 +358,10 @@ class PQCacheState:
         layer = self.layer(layer_idx, config)
         S = query.shape[-2]
         prompt = layer.takes_prompt(S)
+        if config.refresh and not prompt and torch.compiler.is_compiling() and not self.host_steps:
+            raise RuntimeError(f"pqflex: PQConfig(refresh={config.refresh}) refreshes the index between decode steps "
+                               "on the host, which a compiled step skips; decode through pqflex.DecodeGraph or "
+                               "PQStaticCache(..., graph=True), or eagerly")
         if not prompt and layer.index is None and not torch.compiler.is_compiling():
             self.build_pending()
         out = layer.forward(query, key, value, kv_mask, scale, n)

@@ -63,7 +63,7 @@ class ProductQuantizer:
         return self.centroids
 
     def train(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, niter: int = 20, seed: int = 0,
-              tol: float = 0.0) -> ProductQuantizer:
+              tol: float = 0.0, init: torch.Tensor | None = None) -> ProductQuantizer:
         """Run k-means per leading index and sub-space; deterministic for a seed.
 
         Args:
@@ -71,6 +71,8 @@ class ProductQuantizer:
             mask: ``[..., N]`` bool, True for the vectors to train on; None trains on all. Vectors with a NaN or
                 infinite value never train.
             niter, seed, tol: see :func:`pqflex.ops.portable.kmeans`.
+            init: ``[..., M, ksub, dsub]`` centroids to start from (a warm start); a leading index with no
+                vector to train on keeps its ``init``. None: seeded initialization.
 
         Returns:
             self, with ``centroids`` ``[..., M, ksub, dsub]`` on ``x.device``.
@@ -88,7 +90,13 @@ class ProductQuantizer:
         mask = finite if mask is None else mask & finite
         x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         m = mask.reshape(-1, 1, N).expand(-1, self.M, N).reshape(-1, N)  # [L * M, N]
-        c = torch.ops.pqflex.kmeans(self._split(x), m, self.ksub, niter, seed, tol)  # [L * M, ksub, dsub]
+        if init is not None:
+            expected = (*lead, self.M, self.ksub, self.dsub)
+            if init.shape != expected or not init.is_floating_point():
+                raise ValueError(f"init must be floating-point centroids {expected}, got {init.dtype} "
+                                 f"{tuple(init.shape)}")
+            init = init.reshape(-1, self.ksub, self.dsub)  # [L * M, ksub, dsub]
+        c = torch.ops.pqflex.kmeans(self._split(x), m, self.ksub, niter, seed, tol, init)  # [L * M, ksub, dsub]
         self.centroids = c.reshape(*lead, self.M, self.ksub, self.dsub)
         return self
 

@@ -102,7 +102,7 @@ def test_native_kmeans_step_is_the_reference_step(monkeypatch):
     w = (torch.rand(3, 257, generator=g) > 0.3).float()
     captured = {}
 
-    def capture(xf, w_, ksub, niter, seed, tol, step):  # run the step the native k-means hands to the Lloyd loop
+    def capture(xf, w_, ksub, niter, seed, tol, step, init=None):  # run the step native k-means hands to Lloyd
         captured["out"] = step(c)
         return c
 
@@ -122,6 +122,43 @@ def test_kmeans_op_checks_its_arguments_on_cpu():
     x = torch.randn(2, 300, 16)
     with pytest.raises(ValueError, match="ksub=12"):
         kmeans(x, None, 12, 5)
+    with pytest.raises(ValueError, match=r"init must be floating-point centroids \(2, 16, 16\)"):
+        kmeans(x, None, 16, 5, init=torch.zeros(2, 8, 16))
+
+
+def plain_lloyd(x, w, centroids, niter):
+    """Lloyd iterations from ``centroids`` written plainly (full distances, a loop over problems and clusters);
+    for data where no cluster empties."""
+    c = centroids.clone()
+    for _ in range(niter):
+        for i in range(x.shape[0]):
+            pts = x[i][w[i] > 0]
+            assign = torch.cdist(pts.double(), c[i].double()).argmin(-1)
+            c[i] = torch.stack([pts[assign == j].mean(0) for j in range(c.shape[1])])
+    return c
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_kmeans_warm_start_iterates_from_the_given_centroids(device):
+    """``init``: the op (native C on the CPU, Triton on CUDA), the reference and a plain loop run the same Lloyd
+    iterations from the given centroids; a problem without a valid point returns its init unchanged."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(5)
+    L, N, ksub, dsub = 3, 900, 16, 8
+    centers = torch.randn(L, ksub, dsub, generator=g) * 4
+    x = centers.gather(1, torch.randint(ksub, (L, N, 1), generator=g).expand(L, N, dsub))
+    x = x + 0.5 * torch.randn(L, N, dsub, generator=g)
+    init = centers + 0.8 * torch.randn(L, ksub, dsub, generator=g)  # near, not at, the clusters
+    mask = torch.rand(L, N, generator=g) > 0.25
+    mask[2] = False  # nothing to train on: keeps its init
+    want = plain_lloyd(x, mask.float(), init, 3).float()
+    want[2] = init[2]
+    for out in (portable.kmeans(x, mask, ksub, 3, init=init),
+                kmeans(x.to(device), mask.to(device), ksub, 3, init=init.to(device)).cpu()):
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    cold = portable.kmeans(x, mask, ksub, 3)
+    assert not torch.allclose(cold[:2], want[:2], atol=1e-2), "init ignored"
 
 
 @pytest.mark.gpu

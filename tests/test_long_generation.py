@@ -96,20 +96,26 @@ def test_the_three_recalls_meet_at_the_ends_of_the_prompt():
     assert 0.0 <= half["prompt"] <= 1.0 and 0.0 <= half["generated"] <= 1.0
 
 
-def test_refresh_rebuilds_every_index_over_the_generated_keys_at_the_same_top_k():
+def test_a_method_with_its_own_settings_and_a_reused_generation():
+    """``(method, budget, {setting: value})``: PQConfig(refresh=4) for that method alone (the refreshes are counted
+    per window); a second run teacher-forced on the first's generation reports the same rows."""
     model = make("llama")
-    built = []
-    real = pqflex.PQIndex.build
+    methods = [("pqcache", 48), ("pqcache", 48, {"refresh": 4})]
+    data = lg.run(model, prompt(400), 9, 4, methods, COARSE, log=lambda *_: None)
+    assert [(r["label"], r["refreshes"]) for r in data["rows"]] == [
+        ("pqcache 48", 0), ("pqcache 48", 0), ("pqcache 48 refresh=4", 0), ("pqcache 48 refresh=4", 1)]
+    plain, refreshed = data["rows"][1], data["rows"][3]  # steps 4..7: after the refresh at 404 cached tokens
+    assert plain["recall"] != refreshed["recall"]
+    assert len(data["generated"]) == 9
+    again = lg.run(model, prompt(400), 9, 4, methods, COARSE, log=lambda *_: None, generated=data["generated"])
+    assert again["rows"] == data["rows"]
+    with pytest.raises(ValueError, match="holds 9 tokens, fewer than new_tokens=12"):
+        lg.run(model, prompt(400), 12, 4, methods, COARSE, log=lambda *_: None, generated=data["generated"])
 
-    def build(key, config, *args, **kwargs):
-        built.append(key.shape[2])
-        return real(key, config, *args, **kwargs)
 
-    pqflex.PQIndex.build = build
-    try:
-        data = lg.run(model, prompt(400), 9, 4, [("pqcache", 48)], COARSE, log=lambda *_: None, refresh=4)
-    finally:
-        pqflex.PQIndex.build = real
-    layers = model.config.num_hidden_layers
-    assert built == [404] * layers  # at step 4, over the 404 cached keys (the prompt was indexed by from_prefill)
-    assert [r["refresh"] for r in data["rows"]] == [4, 4] and all(0 < r["recall"] <= 1 for r in data["rows"])
+def test_method_specs_parse_with_settings():
+    assert lg._methods("pqcache:0.1,oracle:2048,pqcache:0.1:refresh=256:refresh_niter=10:backend=gather") == [
+        ("pqcache", 0.1, {}), ("oracle", 2048, {}),
+        ("pqcache", 0.1, {"refresh": 256, "refresh_niter": 10, "backend": "gather"})]
+    with pytest.raises(ValueError, match="KEY=VALUE, got 'refresh'"):
+        lg._methods("pqcache:0.1:refresh")

@@ -272,7 +272,8 @@ class PQStaticCache(PQCacheMixin, Cache):
         max_cache_len: tokens to hold per sequence (prompt + new tokens); rounded up to a multiple of 128.
         config: PQ settings; default: what :func:`configure` set on the model, else ``PQConfig()``.
         max_batch_size: offload only: the batch size, to allocate the CPU memory up front.
-        graph: decode steps through the cache's :class:`pqflex.DecodeGraph` (see above).
+        graph: decode steps through the cache's :class:`pqflex.DecodeGraph` (see above). With
+            ``PQConfig(refresh=...)`` it is the compiled route: without it such a cache's steps run eagerly.
     """
 
     def __init__(self, model: nn.Module, max_cache_len: int, config: PQConfig | None = None,
@@ -302,8 +303,9 @@ class PQStaticCache(PQCacheMixin, Cache):
     @property
     def is_compileable(self) -> bool:
         """Whether transformers' ``generate()`` compiles this cache's forwards itself: not with ``graph=True``
-        (the cache's :class:`pqflex.DecodeGraph` compiles and captures the decode step)."""
-        return not self.graph
+        (the cache's :class:`pqflex.DecodeGraph` compiles and captures the decode step), nor with
+        ``PQConfig(refresh=...)`` without it (the refresh runs between steps on the host: eager steps)."""
+        return not self.graph and not (isinstance(self.pq_config, PQConfig) and self.pq_config.refresh)
 
     def decode_graph(self):
         """The :class:`pqflex.DecodeGraph` of this cache and its model (made at the first call): what a

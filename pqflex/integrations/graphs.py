@@ -89,6 +89,9 @@ class DecodeGraph:
         self._logits: torch.Tensor | None = None
         self._reads: list[Any] = []  # what the cache held at the last count (and capture): see _captured
         self._left = 0  # free positions in the cache, counted down on the host
+        state = getattr(cache, "pq_state", None)
+        if state is not None:
+            state.host_steps = True  # each call counts the step and refreshes indexes (PQConfig.refresh) first
 
     def _free_positions(self) -> int:
         layer = self.cache.layers[0]
@@ -150,20 +153,29 @@ class DecodeGraph:
                 raise ValueError(f"the cache is full ({self.cache.layers[0].max_cache_len} tokens per sequence); "
                                  "create it with max_cache_len >= prompt + new tokens, or reset() it and prefill "
                                  "a new prompt")
+        cached = self.cache.layers[0].max_cache_len - self._left  # tokens before this step
         self._left -= 1
         self._calls += 1
-        if input_ids.device.type != "cuda" or self._calls <= self.warmup:
-            if input_ids.device.type == "cuda":
-                self._ids = input_ids.new_empty(input_ids.shape)  # fixes the batch size and device
-            return self._step(input_ids, position_ids)
-        if self._graph is None or stale:
-            self._capture(input_ids, position_ids)
-        else:
-            self._ids.copy_(input_ids)
-            if position_ids is not None:
-                self._positions.copy_(position_ids)
-        self._graph.replay()
-        return self._logits
+        pq_layers = getattr(self.cache, "pq_state", None)
+        pq_layers = {} if pq_layers is None else pq_layers.layers
+        for i, layer in pq_layers.items():  # outside the graph: an index refresh (PQConfig.refresh) runs eagerly
+            layer.begin_step(self.cache.layers[i].keys, cached)
+        try:
+            if input_ids.device.type != "cuda" or self._calls <= self.warmup:
+                if input_ids.device.type == "cuda":
+                    self._ids = input_ids.new_empty(input_ids.shape)  # fixes the batch size and device
+                return self._step(input_ids, position_ids)
+            if self._graph is None or stale:
+                self._capture(input_ids, position_ids)
+            else:
+                self._ids.copy_(input_ids)
+                if position_ids is not None:
+                    self._positions.copy_(position_ids)
+            self._graph.replay()
+            return self._logits
+        finally:
+            for layer in pq_layers.values():
+                layer.length = cached + 1
 
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for the graphs of route_decode_steps

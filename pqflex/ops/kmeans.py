@@ -28,7 +28,8 @@ NUM_WARPS = 4
 PROGRAMS_PER_PROBLEM = 16
 
 
-def _check(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int) -> None:
+def _check(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int,
+           init: torch.Tensor | None = None) -> None:
     if x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point [L, N, dsub] tensor, got {x.dtype} {tuple(x.shape)}")
     if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:2]):
@@ -37,6 +38,7 @@ def _check(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int) ->
         raise ValueError(f"ksub={ksub} must be a power of two in [1, 256]")
     if niter < 1:
         raise ValueError(f"niter={niter} must be >= 1")
+    portable.check_init(init, x, ksub)
 
 
 if triton is not None:
@@ -69,13 +71,13 @@ if triton is not None:
 
 
 def kmeans_triton(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
-                  tol: float = 0.0, *, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                  tol: float = 0.0, init: torch.Tensor | None = None, *, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
                   programs_per_problem: int = PROGRAMS_PER_PROBLEM) -> torch.Tensor:
     """Batched k-means of ``x [L, N, dsub]`` on the GPU; returns centroids ``[L, ksub, dsub]`` fp32.
 
     ``block_n`` points per tile, ``num_warps`` and ``programs_per_problem``: the step kernel's tiling (the defaults
     are the measured best; ``benchmarks/bench_build.py`` times others)."""
-    _check(x, mask, ksub, niter)
+    _check(x, mask, ksub, niter, init)
     if ksub < 16:
         raise ValueError(f"kmeans_triton needs ksub >= 16 (nbits >= 4), got ksub={ksub}")
     L, N, dsub = x.shape
@@ -96,36 +98,37 @@ def kmeans_triton(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: 
                               num_warps=num_warps)
         return sums.sum(1), counts.sum(1), dist
 
-    return portable.lloyd(xf, w, ksub, niter, seed, tol, step)
+    return portable.lloyd(xf, w, ksub, niter, seed, tol, step, init)
 
 
 @torch.library.custom_op("pqflex::kmeans", mutates_args=())
 def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
-           tol: float = 0.0) -> torch.Tensor:
+           tol: float = 0.0, init: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.ops.pqflex.kmeans``: :func:`pqflex.ops.portable.kmeans` on any device, Triton on CUDA (ksub >= 16),
-    the C Lloyd step on the CPU over torch's intra-op threads (:func:`pqflex.ops.native.kmeans`, where it builds)."""
-    _check(x, mask, ksub, niter)
-    return portable.kmeans(x, mask, ksub, niter, seed, tol)
+    the C Lloyd step on the CPU over torch's intra-op threads (:func:`pqflex.ops.native.kmeans`, where it builds).
+    ``init``: centroids to start from (a warm start), as in :func:`pqflex.ops.portable.kmeans`."""
+    _check(x, mask, ksub, niter, init)
+    return portable.kmeans(x, mask, ksub, niter, seed, tol, init)
 
 
 @kmeans.register_kernel("cpu")
 def _kmeans_cpu(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
-                tol: float = 0.0) -> torch.Tensor:
-    _check(x, mask, ksub, niter)
+                tol: float = 0.0, init: torch.Tensor | None = None) -> torch.Tensor:
+    _check(x, mask, ksub, niter, init)
     if native.library() is None:
-        return portable.kmeans(x, mask, ksub, niter, seed, tol)
-    return native.kmeans(x, mask, ksub, niter, seed, tol, threads=torch.get_num_threads())
+        return portable.kmeans(x, mask, ksub, niter, seed, tol, init)
+    return native.kmeans(x, mask, ksub, niter, seed, tol, threads=torch.get_num_threads(), init=init)
 
 
 @kmeans.register_kernel("cuda")
 def _kmeans_cuda(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
-                 tol: float = 0.0) -> torch.Tensor:
+                 tol: float = 0.0, init: torch.Tensor | None = None) -> torch.Tensor:
     if triton is None or ksub < 16:
-        _check(x, mask, ksub, niter)
-        return portable.kmeans(x, mask, ksub, niter, seed, tol)
-    return kmeans_triton(x, mask, ksub, niter, seed, tol)
+        _check(x, mask, ksub, niter, init)
+        return portable.kmeans(x, mask, ksub, niter, seed, tol, init)
+    return kmeans_triton(x, mask, ksub, niter, seed, tol, init)
 
 
 @kmeans.register_fake
-def _kmeans_fake(x, mask, ksub, niter, seed=0, tol=0.0):
+def _kmeans_fake(x, mask, ksub, niter, seed=0, tol=0.0, init=None):
     return x.new_empty(x.shape[0], ksub, x.shape[2], dtype=torch.float32)

@@ -206,7 +206,7 @@ def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:
 
 
 def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0, tol: float = 0.0,
-           threads: int = 1) -> torch.Tensor:
+           threads: int = 1, init: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`pqflex.ops.portable.kmeans` with the Lloyd assignment in C, the ``L`` problems split over ``threads``
     threads (the C call releases the GIL). Each problem is summed by one thread in point order, so the result does
     not depend on ``threads``; it equals the reference up to float rounding of the distances (a near-tie can go to
@@ -232,7 +232,7 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, se
 
     pool = concurrent.futures.ThreadPoolExecutor(parts, thread_name_prefix="pqflex-lloyd") if parts > 1 else None
     try:
-        return portable.lloyd(xf, w, ksub, niter, seed, tol, step)
+        return portable.lloyd(xf, w, ksub, niter, seed, tol, step, init)
     finally:
         if pool is not None:
             pool.shutdown()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 
 def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, seed: int = 0,
-           tol: float = 0.0) -> torch.Tensor:
+           tol: float = 0.0, init: torch.Tensor | None = None) -> torch.Tensor:
     """Batched Lloyd k-means with a seeded, batch-independent initialization and no dead clusters.
 
     Initialization is stratified sampling: centroid ``j`` starts at the valid point of rank
@@ -34,6 +34,8 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, se
         seed: initialization seed.
         tol: stop when the mean squared centroid shift is below ``tol`` times the data variance (host sync per
             iteration); 0 runs exactly ``niter`` iterations.
+        init: ``[L, ksub, dsub]`` centroids to start from (a warm start, e.g. an index refreshed over more keys);
+            None draws them from ``seed`` as above. A row with no valid point keeps its ``init``.
 
     Returns:
         centroids ``[L, ksub, dsub]`` fp32.
@@ -47,7 +49,7 @@ def kmeans(x: torch.Tensor, mask: torch.Tensor | None, ksub: int, niter: int, se
         sums, counts = _cluster_sums(xf, w, assign, ksub)
         return sums, counts, partial + x_sq  # [L, N] squared distance to its centroid
 
-    return lloyd(xf, w, ksub, niter, seed, tol, step)
+    return lloyd(xf, w, ksub, niter, seed, tol, step, init)
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor,
@@ -75,14 +77,29 @@ def kmeans_weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.ones(x.shape[:2], device=x.device) if mask is None else mask.to(torch.float32)
 
 
-def lloyd(x: torch.Tensor, w: torch.Tensor, ksub: int, niter: int, seed: int, tol: float, step) -> torch.Tensor:
-    """The Lloyd loop shared by every k-means backend: seeded init, ``step``, mean update, empty re-seeding.
+def check_init(init: torch.Tensor | None, x: torch.Tensor, ksub: int) -> None:
+    """Raise ``ValueError`` unless ``init`` is None or floating-point ``[L, ksub, dsub]`` for ``x [L, N, dsub]``."""
+    if init is not None and (not init.is_floating_point() or init.shape != (x.shape[0], ksub, x.shape[2])):
+        raise ValueError(f"init must be floating-point centroids {(x.shape[0], ksub, x.shape[2])}, got {init.dtype} "
+                         f"{tuple(init.shape)}")
+
+
+def lloyd(x: torch.Tensor, w: torch.Tensor, ksub: int, niter: int, seed: int, tol: float, step,
+          init: torch.Tensor | None = None) -> torch.Tensor:
+    """The Lloyd loop shared by every k-means backend: seeded (or given) init, ``step``, mean update, empty
+    re-seeding.
 
     ``step(centroids)`` returns the per-cluster weighted sums ``[L, ksub, dsub]`` and counts ``[L, ksub]`` of the
-    points assigned to each centroid, and each point's squared distance to its centroid ``[L, N]``.
+    points assigned to each centroid, and each point's squared distance to its centroid ``[L, N]``. With ``init``
+    (``[L, ksub, dsub]``), the loop starts from it, and a row without a valid point returns it unchanged.
     """
     L, N, dsub = x.shape
     n_valid = w.sum(-1)  # [L]
+    if init is not None:
+        check_init(init, x, ksub)
+        start = init.to(x.device, torch.float32)
+        centroids = _lloyd_iterations(x, w, ksub, niter, tol, step, start.clone(), n_valid)
+        return torch.where((n_valid > 0)[:, None, None], centroids, start)
     gen = torch.Generator().manual_seed(seed)
     r = torch.rand(ksub, generator=gen, dtype=torch.float64)
     # Pinned and asynchronous on CUDA: the host does not wait for the stream (a build overlapping the prefill).
@@ -92,7 +109,12 @@ def lloyd(x: torch.Tensor, w: torch.Tensor, ksub: int, niter: int, seed: int, to
     rank = torch.minimum(rank, (n_valid.long() - 1).clamp_min(0)[:, None])
     pos = torch.searchsorted(w.cumsum(-1).contiguous(), (rank + 1).float())  # index of the rank-th valid point
     centroids = torch.gather(x, 1, pos.clamp_max(N - 1)[..., None].expand(L, ksub, dsub)).float()
+    return _lloyd_iterations(x, w, ksub, niter, tol, step, centroids, n_valid)
 
+
+def _lloyd_iterations(x: torch.Tensor, w: torch.Tensor, ksub: int, niter: int, tol: float, step,
+                      centroids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    L, N, dsub = x.shape
     kk = min(ksub, N)
     variance = None
     for _ in range(niter):
