@@ -170,6 +170,16 @@ def test_bench_rejects_a_bad_prefill_chunk(capsys):
     assert "--prefill-chunk must be a positive number of tokens, got 0" in capsys.readouterr().err
 
 
+def test_bench_refresh_needs_a_host_driven_step(capsys):
+    """PQConfig(refresh) runs between steps on the host: a loop compiled by torch.compile alone is refused up front;
+    --graphed (DecodeGraph) and --eager measure it (the graphed route: tests/test_refresh.py)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--preset", "tiny", "--device", "cpu", "--pq", "refresh=4"])
+    assert exit_.value.code == 2
+    assert "--pq refresh=4 refreshes the index between decode steps on the host: add --graphed" in \
+        capsys.readouterr().err
+
+
 def test_cli_presets_and_methods_are_the_benchs():
     from pqflex.harness import cli
 

@@ -96,6 +96,10 @@ def main(args) -> int:
         options["backend"] = args.backend
     for budget in getattr(args, "budgets", [args.budget]):
         PQConfig(**{**options, "budget": budget})  # bad settings raise before any work
+    if options.get("refresh") and not (args.graphed or args.eager):
+        raise ValueError(f"--pq refresh={options['refresh']} refreshes the index between decode steps on the host: "
+                         "add --graphed (steps through pqflex.DecodeGraph) or --eager; a step compiled by "
+                         "torch.compile alone cannot")
     if "flashinfer" in args.methods:
         from pqflex.harness import bench_flashinfer
 
