@@ -235,12 +235,12 @@ def plot(data: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     recalls = {"recall": "-", "recall_prompt": "--", "recall_generated": ":"}  # line style of each kind
     for key, ax in zip(("top1", "kl", "recall"), axes):
-        for label in dict.fromkeys(r["label"] for r in data["rows"]):
+        for i, label in enumerate(dict.fromkeys(r["label"] for r in data["rows"])):
             for kind, style in (recalls.items() if key == "recall" else [(key, "-")]):
                 rows = [r for r in data["rows"] if r["label"] == label and r.get(kind) is not None]
-                if rows:
+                if rows:  # one color per method, one line style per kind of recall
                     ax.plot([r["first_step"] + r["steps"] / 2 for r in rows], [r[kind] for r in rows], marker="o",
-                            linestyle=style, label=label if key != "recall" else f"{label}: {kind}")
+                            linestyle=style, color=f"C{i}", label=label if key != "recall" else f"{label}: {kind}")
         ax.set_xlabel("generated tokens")
         ax.set_title({"top1": "top-1 agreement with full attention", "kl": "KL(full || method), nats",
                       "recall": "recall of the exact top-k (mean over layers)"}[key])
