@@ -253,8 +253,11 @@ def plot(data: dict[str, Any], path: str) -> None:
 
 
 def _methods(text: str) -> list[tuple[str, float | int, dict[str, Any]]]:
-    """``METHOD[:BUDGET[:KEY=VALUE...]],...`` e.g. ``pqcache:0.1,pqcache:0.1:refresh=256`` (ints, floats or words)."""
+    """``METHOD[:BUDGET[:KEY=VALUE...]],...`` e.g. ``pqcache:0.1,pqcache:0.1:refresh=256`` (ints, floats or words);
+    ``none``: generate only (for ``--reuse`` in a later run)."""
     out = []
+    if text == "none":
+        return out
     for item in text.split(","):
         method, budget, *pairs = item.split(":") + [""] * (":" not in item)
         extra = {}
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=512, help="steps per reported window")
     p.add_argument("--methods", type=_methods, default=_methods("pqcache:0.1,pqcache:2048,oracle:0.1"),
                    help="METHOD:BUDGET[:KEY=VALUE...],... (methods of PQConfig.for_method, PQConfig fields for that "
-                        "method, e.g. pqcache:0.1:refresh=256)")
+                        "method, e.g. pqcache:0.1:refresh=256; none: only generate)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
     p.add_argument("--reuse", default=None,

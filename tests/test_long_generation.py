@@ -117,5 +117,6 @@ def test_method_specs_parse_with_settings():
     assert lg._methods("pqcache:0.1,oracle:2048,pqcache:0.1:refresh=256:refresh_niter=10:backend=gather") == [
         ("pqcache", 0.1, {}), ("oracle", 2048, {}),
         ("pqcache", 0.1, {"refresh": 256, "refresh_niter": 10, "backend": "gather"})]
+    assert lg._methods("none") == []
     with pytest.raises(ValueError, match="KEY=VALUE, got 'refresh'"):
         lg._methods("pqcache:0.1:refresh")
