@@ -15,7 +15,7 @@ COMPAT_TRANSFORMERS ?= transformers==5.17.0
 LATEST_VENV ?= .venv-latest
 INTEGRATION_TESTS := tests/test_transformers.py tests/test_cache_state.py tests/test_compile.py \
 	tests/test_robustness.py tests/test_real_use.py tests/test_offload.py tests/test_tensor_parallel.py \
-	tests/test_decode_graph.py
+	tests/test_decode_graph.py tests/test_refresh.py
 
 .PHONY: setup test test-compat test-latest lock demo clean
 
