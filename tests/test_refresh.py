@@ -183,3 +183,40 @@ def test_a_compiled_step_without_a_host_caller_refuses_refresh():
         step = torch.compile(model.forward, fullgraph=True, backend="eager")
         with pytest.raises(Exception, match=r"PQConfig\(refresh=4\) refreshes the index between decode steps"):
             step(token, **{CACHE_KW: cache}, logits_to_keep=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_captured_graph_replays_over_refreshed_indexes(monkeypatch, compiled):
+    """On CUDA a DecodeGraph captures the step once and replays it; the refreshes run between replays, in place,
+    so the replayed step reads the refreshed centroids and codes: fed the eager steps' tokens, it refreshes at the
+    same tokens and gives their logits (bit for bit when it captured the eager step, within float error when the
+    compiled one)."""
+    model = make("llama").cuda()
+    pqflex.configure(model, SPARSE.replace(refresh=4))
+    ids = prompt(300, batch=2).cuda()
+    seen = spy_refreshes(monkeypatch)
+
+    def prefilled():
+        cache = PQStaticCache(model, 330)
+        with torch.no_grad():
+            token = model(ids, **{CACHE_KW: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        return cache, token
+
+    cache, token = prefilled()
+    tokens, want = [token], []
+    with torch.no_grad():
+        for _ in range(11):  # eager steps, greedy
+            want.append(model(tokens[-1], **{CACHE_KW: cache}, logits_to_keep=1).logits)
+            tokens.append(want[-1][:, -1:].argmax(-1))
+    assert seen == [304] * 2 + [308] * 2
+    seen.clear()
+    cache, _ = prefilled()
+    graph = DecodeGraph(model, cache, warmup=2, compile=compiled)
+    got = [graph(t).clone() for t in tokens[:-1]]  # teacher-forced on the eager steps' tokens
+    assert graph.captured and seen == [304] * 2 + [308] * 2
+    if compiled:
+        torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=2e-3, rtol=2e-3)
+    else:
+        assert torch.equal(torch.cat(got, 1), torch.cat(want, 1))
