@@ -16,6 +16,15 @@ from tests.test_transformers import CACHE_KW, SPARSE, generate, make, prompt
 CFG = PQConfig(budget=64, sink_size=4, min_context=0, niter=6, M=4, nbits=4, refresh=8)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles the model's forward anew: earlier tests' compilations of the same code object must not
+    count against Dynamo's recompile limit (a fullgraph compile fails when it is hit)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def shifted_keys(B=2, Hkv=2, prompt_len=600, new=300, D=32, seed=0):
     """Prompt keys from one mixture, then generated keys from another (far from the prompt's centroids)."""
     g = torch.Generator().manual_seed(seed)
