@@ -59,6 +59,20 @@ def test_bench_refuses_flashinfer_where_it_cannot_run(capsys):
     assert "--methods flashinfer: FlashInfer decodes on CUDA only, the bench runs on cpu" in capsys.readouterr().err
 
 
+def test_flashinfer_row_model_builds_and_prefills_on_cpu():
+    """The flashinfer row's attention name is one transformers takes as a registered function (a name holding
+    "flash" sends transformers 5.x to its kernel hub, which failed on the H200); without a planned cache the row's
+    attention is SDPA, so a prompt runs anywhere."""
+    from pqflex.harness import bench_flashinfer
+
+    bench_flashinfer.register()
+    model = bench.build_model("tiny", bench_measure.attention_of("flashinfer"), torch.float32, "cpu")
+    reference = bench.build_model("tiny", "sdpa", torch.float32, "cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
 @pytest.mark.gpu
 def test_flashinfer_decode_equals_sdpa():
     """The flashinfer row's op over the first n rows of [B, Hkv, C, D] buffers, planned as a bench step plans it,

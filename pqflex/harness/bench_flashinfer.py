@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTN = "flashinfer"  # the attention implementation the row's model is built with
+ATTN = "fi_decode"  # the row's attention implementation: a name holding "flash" sends transformers to its kernel hub
 WORKSPACE_BYTES = 256 << 20  # FlashInfer's float workspace (split-KV partial outputs)
 
 _PLANNED: dict[int, "FlashInferDecode"] = {}  # live planners by id: the op's int argument names one
@@ -108,7 +108,7 @@ def _(query, key, value, planner):
 def flashinfer_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                          **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention function ``"flashinfer"``: FlashInfer for a one-token step over the planned cache,
+    """transformers attention function ``"fi_decode"``: FlashInfer for a one-token step over the planned cache,
     SDPA otherwise (a prompt from position 0, unpadded: causal over its rows; one token over a growing cache)."""
     planner = _PLANNED.get(getattr(module, "flashinfer_decode", -1))
     B, H, S, D = query.shape
@@ -124,7 +124,7 @@ def flashinfer_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
 
 
 def register() -> None:
-    """Register ``"flashinfer"`` with transformers' attention and mask interfaces (the mask: none)."""
+    """Register ``"fi_decode"`` with transformers' attention and mask interfaces (the mask: none)."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(ATTN, flashinfer_attention)

@@ -23,7 +23,11 @@ DENSE_METHODS = ("pqflex-dense", "flashinfer", "sdpa-static", "sdpa")  # every t
 
 def attention_of(method: str) -> str:
     """The attention implementation a method's model is built with."""
-    return "pqcache" if method in PQ_METHODS else "flashinfer" if method == "flashinfer" else "sdpa"
+    if method == "flashinfer":
+        from pqflex.harness.bench_flashinfer import ATTN
+
+        return ATTN
+    return "pqcache" if method in PQ_METHODS else "sdpa"
 
 
 _COMMON = dict(hidden_act="silu", rms_norm_eps=1e-5, eos_token_id=None, bos_token_id=None, pad_token_id=None)
