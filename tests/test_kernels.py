@@ -154,9 +154,11 @@ def test_kmeans_warm_start_iterates_from_the_given_centroids(device):
     mask[2] = False  # nothing to train on: keeps its init
     want = plain_lloyd(x, mask.float(), init, 3).float()
     want[2] = init[2]
-    for out in (portable.kmeans(x, mask, ksub, 3, init=init),
-                kmeans(x.to(device), mask.to(device), ksub, 3, init=init.to(device)).cpu()):
-        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(portable.kmeans(x, mask, ksub, 3, init=init), want, atol=1e-4, rtol=1e-4)
+    # The Triton step multiplies in TF32 (10-bit mantissa): its sums of ~45 points of size ~4 carry ~1e-3 of error.
+    tol = 1e-4 if device == "cpu" else 1e-2
+    out = kmeans(x.to(device), mask.to(device), ksub, 3, init=init.to(device)).cpu()
+    torch.testing.assert_close(out, want, atol=tol, rtol=tol)
     cold = portable.kmeans(x, mask, ksub, 3)
     assert not torch.allclose(cold[:2], want[:2], atol=1e-2), "init ignored"
 
