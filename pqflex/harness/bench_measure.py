@@ -284,11 +284,11 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         def decode(token: torch.Tensor) -> torch.Tensor:
             return forward(token, **{CACHE_KWARG: cache}, logits_to_keep=1).logits
     if planner is not None:
-        step = decode
+        unplanned = decode
 
         def decode(token: torch.Tensor) -> torch.Tensor:  # the host plans each step before it runs
             planner.advance()
-            return step(token)
+            return unplanned(token)
     tree = compiled and not graphed and device.startswith("cuda")  # CUDA-graph trees: mark each step
     ids = prompt_ids(model.config.vocab_size, batch, context, device, seed=0)
     if device.startswith("cuda"):
