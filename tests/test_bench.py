@@ -73,6 +73,25 @@ def test_flashinfer_row_model_builds_and_prefills_on_cpu():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
 
 
+def test_flashinfer_row_reads_the_static_cache_as_pages_in_place():
+    """The page view and page table hand FlashInfer each sequence's first n rows of every KV head, in order, from
+    the [B, Hkv, C, D] buffer itself (a view: no copy); a buffer of partial pages is refused."""
+    from pqflex.harness.bench_flashinfer import PAGE, page_table, page_view
+
+    B, Hkv, C, D = 3, 2, 4 * PAGE, 5
+    buffer = torch.arange(B * Hkv * C * D, dtype=torch.float32).reshape(B, Hkv, C, D)
+    view = page_view(buffer)
+    assert view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    for n in (1, PAGE, PAGE + 3, C):
+        indptr, indices, last = page_table(B, Hkv, C, n)
+        for b in range(B):
+            pages = view[indices[indptr[b]:indptr[b + 1]].long()]  # [used, Hkv, PAGE, D]
+            rows = pages.transpose(0, 1).reshape(Hkv, -1, D)[:, :(len(pages) - 1) * PAGE + int(last[b])]
+            torch.testing.assert_close(rows, buffer[b, :, :n], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="whole 16-token pages"):
+        page_view(torch.zeros(1, Hkv, C + 1, D))
+
+
 @pytest.mark.gpu
 def test_flashinfer_decode_equals_sdpa():
     """The flashinfer row's op over the first n rows of [B, Hkv, C, D] buffers, planned as a bench step plans it,
@@ -80,7 +99,7 @@ def test_flashinfer_decode_equals_sdpa():
     pytest.importorskip("flashinfer")
     from pqflex.harness.bench_flashinfer import FlashInferDecode, flashinfer_decode
 
-    B, H, Hkv, D, C, n = 2, 32, 8, 128, 5000, 4321
+    B, H, Hkv, D, C, n = 2, 32, 8, 128, 5008, 4321  # C: whole 16-token pages; n: a partial last page
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, h, *shape, D, device="cuda", dtype=torch.bfloat16, generator=g)
                for h, shape in ((H, ()), (Hkv, (C,)), (Hkv, (C,))))

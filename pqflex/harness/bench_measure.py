@@ -262,6 +262,10 @@ def run_method(preset: str, method: str, batch: int, context: int, budget, new_t
         pqflex.configure(model, pq.replace(offload=False))  # the warm-up below uses a growing cache
         cache = pqflex.PQStaticCache(model, capacity, cache_config(method, pq), max_batch_size=batch)
     elif method in ("sdpa-static", "flashinfer"):
+        if method == "flashinfer":  # whole pages of FlashInfer's paged view
+            from pqflex.harness.bench_flashinfer import pages_capacity
+
+            capacity = pages_capacity(capacity)
         cache = StaticCache(config=model.config, max_cache_len=capacity)
     else:
         cache = DynamicCache(config=model.config)
