@@ -356,32 +356,61 @@ class PQIndex:
         Each sequence trains on its tokens in ``[start + sink, n - recent)``, at most ``config.train_points * ksub``
         of them at an even stride (as :meth:`build` does), starting from its current centroids; a sequence without
         such a token (dense) keeps its centroids. The budgets do not change. ``n`` is a host int (no sync).
+        :meth:`refresh_layers` does this for several layers with one k-means.
 
         Args:
             key: ``[B, Hkv, >= n, D]`` the cached keys (a growing cache's, or a fixed-capacity buffer).
             n: tokens cached and indexed so far.
             niter: Lloyd iterations; default ``config.refresh_niter``.
         """
-        if self.quantizer is None or self.dense:  # the exact scorer reads the keys; a dense index has no codes
-            return
-        if key.dim() != 4 or key.shape[:2] != self.codes.shape[:2] or not 1 <= n <= min(key.shape[2], self.num_tokens):
-            raise ValueError(f"refresh needs keys [B, Hkv, >= n, D] with B, Hkv = {tuple(self.codes.shape[:2])} and "
-                             f"1 <= n <= {self.num_tokens} indexed rows, got {tuple(key.shape)} and n={n}")
-        config = self.config
-        B, Hkv, _, D = key.shape
-        keys = key[:, :, :n]
-        order, mask = training_sample(middle_tokens(self.start, self.sink, self.recent, n),
-                                      config.train_points * config.ksub)
-        T = order.shape[-1]
-        sample = keys.gather(2, order[:, None, :, None].expand(B, Hkv, T, D))
-        mask = mask[:, None, :].expand(B, Hkv, T)
-        init = self.quantizer.centroids
-        if config.kmeans_device == "cpu":
-            sample, mask, init = sample.cpu(), mask.cpu(), init.cpu()
-        pq = ProductQuantizer(D, config.M, config.nbits).train(
-            sample, mask, niter=config.refresh_niter if niter is None else niter, seed=config.seed, init=init)
-        self.quantizer.centroids.copy_(pq.centroids)
-        self.codes[:, :, :n].copy_(self._encode(keys))
+        PQIndex.refresh_layers([self], [key], n, niter)
+
+    @staticmethod
+    def refresh_layers(indexes: list[PQIndex], keys: list[torch.Tensor], n: int, niter: int | None = None,
+                       max_train_bytes: int = 1 << 30) -> None:
+        """:meth:`refresh` of several layers' indexes, each over its layer's ``keys``, with one batched k-means
+        (a few launches per Lloyd iteration for all of them, as :meth:`build_layers`).
+
+        Layers train together where their indexes share the sequences' spans (the same ``start``, ``sink`` and
+        ``recent`` tensors, as :meth:`build_layers` makes them) and the config; any other layer trains apart.
+        The fp32 training keys of one k-means stay under ``max_train_bytes`` (more layers: several k-means).
+        An exact or dense index is left as it is.
+        """
+        if len(indexes) != len(keys):
+            raise ValueError(f"refresh_layers needs one key tensor per index, got {len(indexes)} indexes and "
+                             f"{len(keys)} key tensors")
+        groups: dict[tuple, list[tuple[PQIndex, torch.Tensor]]] = {}
+        for index, key in zip(indexes, keys):
+            if index.quantizer is None or index.dense:  # the exact scorer reads the keys; a dense index has no codes
+                continue
+            if key.dim() != 4 or key.shape[:2] != index.codes.shape[:2] or \
+                    not 1 <= n <= min(key.shape[2], index.num_tokens):
+                raise ValueError(f"refresh needs keys [B, Hkv, >= n, D] with B, Hkv = {tuple(index.codes.shape[:2])} "
+                                 f"and 1 <= n <= {index.num_tokens} indexed rows, got {tuple(key.shape)} and n={n}")
+            shared = (id(index.start), id(index.sink), id(index.recent), id(index.config), key.shape[-1])
+            groups.setdefault(shared, []).append((index, key))
+        for layers in groups.values():
+            first, key = layers[0]
+            config = first.config
+            B, Hkv, _, D = key.shape
+            order, mask = training_sample(middle_tokens(first.start, first.sink, first.recent, n),
+                                          config.train_points * config.ksub)
+            T = order.shape[-1]
+            rows = order[:, None, :, None].expand(B, Hkv, T, D)
+            per_problem = max(1, max_train_bytes // (B * Hkv * T * D * 4))
+            for g in range(0, len(layers), per_problem):
+                chunk = layers[g:g + per_problem]
+                sample = torch.stack([k[:, :, :n].gather(2, rows) for _, k in chunk])  # [L, B, Hkv, T, D]
+                train_mask = mask[None, :, None, :].expand(sample.shape[:4])
+                init = torch.stack([index.quantizer.centroids for index, _ in chunk])
+                if config.kmeans_device == "cpu":
+                    sample, train_mask, init = sample.cpu(), train_mask.cpu(), init.cpu()
+                pq = ProductQuantizer(D, config.M, config.nbits).train(
+                    sample, train_mask, niter=config.refresh_niter if niter is None else niter, seed=config.seed,
+                    init=init)
+                for i, (index, k) in enumerate(chunk):
+                    index.quantizer.centroids.copy_(pq.centroids[i])
+                    index.codes[:, :, :n].copy_(index._encode(k[:, :, :n]))
 
     def _encode(self, key: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, Hkv, S, M]`` of keys ``[B, Hkv, S, D]`` with each head's centroids: the ``pq_encode`` op

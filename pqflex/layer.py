@@ -224,10 +224,15 @@ class PQLayer:
         :attr:`length` after it.
         """
         self.length = cached
-        every = self.config.refresh
-        if every and self.index is not None and cached - self.refreshed_at >= every:
+        if self.refresh_due(cached):
             self.index.refresh(key, cached)
             self.refreshed_at = cached
+
+    def refresh_due(self, cached: int) -> bool:
+        """Whether the step over ``cached`` tokens refreshes the index first (``PQConfig.refresh`` tokens decoded
+        since the index was built or last refreshed)."""
+        every = self.config.refresh
+        return bool(every) and self.index is not None and cached - self.refreshed_at >= every
 
     def check_select_batch(self) -> None:
         """Raise (changing nothing) if :meth:`select_batch` would refuse."""
@@ -344,6 +349,20 @@ class PQCacheState:
         self._stream: torch.cuda.Stream | None = None  # k-means beside the prefill
         self._copy_stream: torch.cuda.Stream | None = None  # offload: prompt rows to CPU memory
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # CPU k-means
+
+    def begin_step(self, keys: dict[int, torch.Tensor], cached: int) -> None:
+        """:meth:`PQLayer.begin_step` of every layer before a compiled or captured step over ``cached`` tokens
+        (``keys``: each layer's cached keys by layer index), the due refreshes in one batched k-means
+        (:meth:`pqflex.PQIndex.refresh_layers`)."""
+        due = []
+        for i, layer in self.layers.items():
+            layer.length = cached
+            if layer.refresh_due(cached):
+                due.append(i)
+        if due:
+            PQIndex.refresh_layers([self.layers[i].index for i in due], [keys[i] for i in due], cached)
+            for i in due:
+                self.layers[i].refreshed_at = cached
 
     def layer(self, layer_idx: int, config: PQConfig) -> PQLayer:
         """The runtime of layer ``layer_idx``, created with ``config`` on first use."""

@@ -107,17 +107,53 @@ def test_config_refresh_validation():
         PQConfig(refresh=64, offload=True)
 
 
-def spy_refreshes(monkeypatch):
-    """The ``n`` of every PQIndex.refresh call."""
+def spy_refreshes(monkeypatch, trainings=None):
+    """The ``n`` of every layer's refresh (PQIndex.refresh and refresh_layers alike); ``trainings``: a list that
+    gets one entry per k-means a refresh runs."""
     seen = []
-    real = PQIndex.refresh
+    real = PQIndex.refresh_layers
+    train = ProductQuantizer.train
 
-    def refresh(self, key, n, niter=None):
-        seen.append(n)
-        return real(self, key, n, niter)
+    def refresh_layers(indexes, keys, n, niter=None, **kwargs):
+        seen.extend([n] * len(indexes))
+        return real(indexes, keys, n, niter, **kwargs)
 
-    monkeypatch.setattr(PQIndex, "refresh", refresh)
+    def counted(self, *args, **kwargs):
+        if trainings is not None and kwargs.get("init") is not None:
+            trainings.append(args[0].shape[0] if args[0].dim() == 5 else 1)  # layers in this k-means
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(PQIndex, "refresh_layers", staticmethod(refresh_layers))
+    monkeypatch.setattr(ProductQuantizer, "train", counted)
     return seen
+
+
+def test_refresh_layers_is_each_layer_refreshed_alone():
+    """One batched k-means for three layers (and in chunks of one layer's training keys) gives each layer the
+    centroids and codes of its own refresh."""
+    key = shifted_keys()
+    keys = [key, key.flip(1), 0.5 * key]
+    n0, n = 600, 900
+
+    def built():
+        indexes = PQIndex.build_layers([k[:, :, :n0] for k in keys], CFG, capacity=1024)
+        for index, k in zip(indexes, keys):
+            for p in range(n0, n):
+                index.append(k[:, :, p:p + 1], p)
+        return indexes
+
+    alone, together, chunked = built(), built(), built()
+    for index, k in zip(alone, keys):
+        index.refresh(k, n)
+    PQIndex.refresh_layers(together, keys, n)
+    one_layer = 2 * 2 * CFG.train_points * CFG.ksub * 32 * 4  # B * Hkv * T * D fp32 bytes, T at its cap
+    PQIndex.refresh_layers(chunked, keys, n, max_train_bytes=one_layer)
+    for a, b, c in zip(alone, together, chunked):
+        torch.testing.assert_close(b.quantizer.centroids, a.quantizer.centroids, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(c.quantizer.centroids, a.quantizer.centroids, atol=1e-6, rtol=1e-6)
+        assert torch.equal(b.codes, a.codes) and torch.equal(c.codes, a.codes)
+    with pytest.raises(ValueError, match="one key tensor per index"):
+        PQIndex.refresh_layers(together, keys[:2], n)
 
 
 def test_every_decode_route_refreshes_at_the_same_tokens_and_generates_alike(monkeypatch):
@@ -130,7 +166,8 @@ def test_every_decode_route_refreshes_at_the_same_tokens_and_generates_alike(mon
     pqflex.configure(model, SPARSE.replace(refresh=4))
     layers = model.config.num_hidden_layers
     ids = prompt(300, batch=2)
-    seen = spy_refreshes(monkeypatch)
+    trainings = []
+    seen = spy_refreshes(monkeypatch, trainings)
     routes = {"growing": lambda: PQCache(model), "static": lambda: PQStaticCache(model, 330),
               "graph": lambda: PQStaticCache(model, 330, graph=True)}
     out = {}
@@ -144,9 +181,11 @@ def test_every_decode_route_refreshes_at_the_same_tokens_and_generates_alike(mon
     with torch.no_grad():
         token = model(ids, **{CACHE_KW: cache}, logits_to_keep=1).logits[:, -1:].argmax(-1)
     step = DecodeGraph(model, cache, backend="eager")
+    trainings.clear()
     for _ in range(11):
         token = step(token)[:, -1:].argmax(-1)
     assert seen == [304] * layers + [308] * layers
+    assert trainings == [layers, layers]  # a DecodeGraph refreshes every layer in one k-means
     assert [layer.length for layer in cache.pq_layers] == [311] * layers
 
 

@@ -156,10 +156,9 @@ class DecodeGraph:
         cached = self.cache.layers[0].max_cache_len - self._left  # tokens before this step
         self._left -= 1
         self._calls += 1
-        pq_layers = getattr(self.cache, "pq_state", None)
-        pq_layers = {} if pq_layers is None else pq_layers.layers
-        for i, layer in pq_layers.items():  # outside the graph: an index refresh (PQConfig.refresh) runs eagerly
-            layer.begin_step(self.cache.layers[i].keys, cached)
+        state = getattr(self.cache, "pq_state", None)
+        if state is not None:  # outside the graph: an index refresh (PQConfig.refresh) runs eagerly, all layers at once
+            state.begin_step({i: self.cache.layers[i].keys for i in state.layers}, cached)
         try:
             if input_ids.device.type != "cuda" or self._calls <= self.warmup:
                 if input_ids.device.type == "cuda":
@@ -174,8 +173,9 @@ class DecodeGraph:
             self._graph.replay()
             return self._logits
         finally:
-            for layer in pq_layers.values():
-                layer.length = cached + 1
+            if state is not None:
+                for layer in state.layers.values():
+                    layer.length = cached + 1
 
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for the graphs of route_decode_steps
