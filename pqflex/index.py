@@ -12,6 +12,7 @@ recent window ``(p - recent_size, p]`` and the ``topk`` middle tokens with the b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -83,6 +84,24 @@ def middle_tokens(start: torch.Tensor, sink: torch.Tensor, recent: torch.Tensor,
     """``[B, N]`` bool: the tokens top-k may select (past each sequence's sink, before its recent window)."""
     pos = torch.arange(N, device=start.device)
     return (pos >= (start + sink)[:, None]) & (pos < N - recent[:, None])
+
+
+def training_groups(keys: list[torch.Tensor], order: torch.Tensor, mask: torch.Tensor, max_train_bytes: int,
+                    cpu: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Several layers' k-means problems, batched in groups of at most ``max_train_bytes`` of fp32 training keys.
+
+    ``keys``: each layer's ``[B, Hkv, N, D]``; ``order``/``mask``: the shared sample positions and validity
+    ``[B, T]`` (:func:`training_sample`). Yields ``(first, sample, mask)`` for each group: the index of its first
+    layer, its keys at the sample positions ``[L, B, Hkv, T, D]`` and their mask ``[L, B, Hkv, T]``, moved to the
+    CPU when ``cpu``."""
+    B, Hkv, _, D = keys[0].shape
+    T = order.shape[-1]
+    rows = order[:, None, :, None].expand(B, Hkv, T, D)
+    group = max(1, max_train_bytes // (B * Hkv * T * D * 4))
+    for g in range(0, len(keys), group):
+        sample = torch.stack([k.gather(2, rows) for k in keys[g:g + group]])
+        sample_mask = mask[None, :, None, :].expand(sample.shape[:4])
+        yield g, (sample.cpu() if cpu else sample), (sample_mask.cpu() if cpu else sample_mask)
 
 
 def training_sample(middle: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,18 +296,12 @@ class PQIndex:
                 codes.append(layer_pq.encode(k))
         else:
             order, train_mask = training_sample(middle, config.train_points * config.ksub)
-            T = order.shape[-1]
-            group = max(1, max_train_bytes // (B * Hkv * T * D * 4))
             quantizers, codes = [], []
-            for g in range(0, len(keys), group):
-                sample = torch.stack([k.gather(2, order[:, None, :, None].expand(B, Hkv, T, D))
-                                      for k in keys[g:g + group]])  # [L, B, Hkv, T, D]
-                mask = train_mask[None, :, None, :].expand(sample.shape[:4])
-                if config.kmeans_device == "cpu":
-                    sample, mask = sample.cpu(), mask.cpu()
+            for g, sample, mask in training_groups(keys, order, train_mask, max_train_bytes,
+                                                   config.kmeans_device == "cpu"):
                 pq = ProductQuantizer(D, config.M, config.nbits).train(sample, mask, niter=config.niter,
                                                                         seed=config.seed, tol=config.tol)
-                for i, k in enumerate(keys[g:g + group]):
+                for i, k in enumerate(keys[g:g + len(sample)]):
                     layer_pq = ProductQuantizer(D, config.M, config.nbits)
                     layer_pq.centroids = pq.centroids[i].to(device)
                     quantizers.append(layer_pq)
@@ -392,22 +405,16 @@ class PQIndex:
         for layers in groups.values():
             first, key = layers[0]
             config = first.config
-            B, Hkv, _, D = key.shape
+            D = key.shape[-1]
+            cpu = config.kmeans_device == "cpu"
             order, mask = training_sample(middle_tokens(first.start, first.sink, first.recent, n),
-                                          config.train_points * config.ksub)
-            T = order.shape[-1]
-            rows = order[:, None, :, None].expand(B, Hkv, T, D)
-            per_problem = max(1, max_train_bytes // (B * Hkv * T * D * 4))
-            for g in range(0, len(layers), per_problem):
-                chunk = layers[g:g + per_problem]
-                sample = torch.stack([k[:, :, :n].gather(2, rows) for _, k in chunk])  # [L, B, Hkv, T, D]
-                train_mask = mask[None, :, None, :].expand(sample.shape[:4])
+                                          config.train_points * config.ksub)  # positions in [0, n)
+            for g, sample, train_mask in training_groups([k for _, k in layers], order, mask, max_train_bytes, cpu):
+                chunk = layers[g:g + len(sample)]
                 init = torch.stack([index.quantizer.centroids for index, _ in chunk])
-                if config.kmeans_device == "cpu":
-                    sample, train_mask, init = sample.cpu(), train_mask.cpu(), init.cpu()
                 pq = ProductQuantizer(D, config.M, config.nbits).train(
                     sample, train_mask, niter=config.refresh_niter if niter is None else niter, seed=config.seed,
-                    init=init)
+                    init=init.cpu() if cpu else init)
                 for i, (index, k) in enumerate(chunk):
                     index.quantizer.centroids.copy_(pq.centroids[i])
                     index.codes[:, :, :n].copy_(index._encode(k[:, :, :n]))
